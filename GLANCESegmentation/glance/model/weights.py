@@ -1,0 +1,161 @@
+"""Model files: weights as safetensors plus a JSON model card. Loading never unpickles.
+
+A model version is a folder holding ``card.json`` and ``model.safetensors``.
+The card records the network config, the preprocessing the weights expect,
+training data, metrics and provenance, and the SHA-256 of the weights file, so
+a card and weights that do not belong together are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from glance.errors import ModelError
+from glance.model.config import GlanceConfig
+from glance.model.glance import GlanceNet
+
+log = logging.getLogger(__name__)
+
+CARD_FORMAT = "glance-model-card"
+CARD_VERSION = 1
+CARD_FILE = "card.json"
+WEIGHTS_FILE = "model.safetensors"
+NOT_FOR_CLINICAL_USE = (
+    "Research software. Not a medical device and not for clinical use: every finding "
+    "must be reviewed by a qualified radiologist."
+)
+
+
+@dataclass
+class Preprocessing:
+    window_hu: tuple[float, float] = (-1000.0, 400.0)
+    pixel_spacing_mm: float = 0.7  # in-plane resampling before the network
+    context_slices: int = 0  # k: the network sees 2k+1 neighbouring slices
+    lung_crop: bool = True
+
+
+@dataclass
+class ModelCard:
+    name: str
+    version: str
+    config: dict
+    preprocessing: dict = field(default_factory=lambda: asdict(Preprocessing()))
+    training: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    intended_use: str = NOT_FOR_CLINICAL_USE
+    weights_file: str = WEIGHTS_FILE
+    weights_sha256: str = ""
+    dtype: str = "float16"
+    format: str = CARD_FORMAT
+    card_version: int = CARD_VERSION
+
+    @property
+    def glance_config(self) -> GlanceConfig:
+        return GlanceConfig.from_dict(self.config)
+
+    @property
+    def prep(self) -> Preprocessing:
+        return Preprocessing(**{**self.preprocessing, "window_hu": tuple(self.preprocessing["window_hu"])})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_model(model: GlanceNet, directory: str | Path, card: ModelCard, dtype: torch.dtype = torch.float16) -> Path:
+    """Write ``model.safetensors`` and ``card.json`` into ``directory`` (atomically per file)."""
+    from safetensors.torch import save_file
+
+    from glance.io.atomic import atomic_path, atomic_write_text
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: _cast(v, dtype).contiguous() for k, v in model.state_dict().items()}
+    weights = directory / card.weights_file
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": CARD_FORMAT, "name": card.name, "version": card.version})
+    card.config = model.cfg.to_dict()
+    card.dtype = str(dtype).removeprefix("torch.")
+    card.weights_sha256 = _sha256(weights)
+    atomic_write_text(directory / CARD_FILE, card.to_json())
+    return directory
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Integer buffers (BatchNorm's num_batches_tracked) keep their type.
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def read_card(directory: str | Path) -> ModelCard:
+    path = Path(directory) / CARD_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no model card") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: unreadable model card ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != CARD_FORMAT:
+        raise ModelError(f"{path}: not a GLANCE model card")
+    if data.get("card_version") != CARD_VERSION:
+        raise ModelError(f"{path}: card version {data.get('card_version')!r} is not supported "
+                         f"(this GLANCE reads version {CARD_VERSION})")
+    try:
+        card = ModelCard(**data)
+        card.glance_config  # validates the config
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{path}: invalid model card ({exc})") from None
+    return card
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GlanceNet, ModelCard]:
+    """Build the network from the card and load its weights (float32, eval mode)."""
+    directory = Path(directory)
+    card = read_card(directory)
+    weights = directory / Path(card.weights_file).name  # never follow a path out of the folder
+    state = _read_weights(weights, card)
+    model = GlanceNet(card.glance_config)
+    _check_state(model, state, weights)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.to(device).eval(), card
+
+
+def _read_weights(weights: Path, card: ModelCard) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not weights.is_file():
+        raise ModelError(f"{weights}: weights file missing")
+    if card.weights_sha256 and _sha256(weights) != card.weights_sha256:
+        raise ModelError(f"{weights}: does not match its model card (SHA-256 differs)")
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{weights}: not a valid safetensors file ({exc})") from None
+
+
+def _check_state(model: GlanceNet, state: dict[str, torch.Tensor], weights: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ModelError(f"{weights}: weights do not match the card's config "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected tensors, "
+                         f"e.g. {(missing + unexpected)[0]})")
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise ModelError(f"{weights}: tensor {key} has shape {tuple(state[key].shape)}, "
+                             f"the card's config needs {tuple(tensor.shape)}")
