@@ -1,0 +1,143 @@
+"""``glance segment``: find, segment and measure lung nodules in a chest CT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", nargs="?", help="DICOM folder or file, NRRD, NIfTI, MHD/MHA")
+    parser.add_argument("--example", action="store_true", help="run on the built-in synthetic phantom")
+    parser.add_argument("--out", help="result folder (default: glance-example with --example)")
+    parser.add_argument("--force", action="store_true", help="replace an existing result folder")
+    parser.add_argument("--series", help="SeriesInstanceUID when the folder holds several series")
+    add_model_arguments(parser)
+    add_threshold_arguments(parser)
+    parser.add_argument("--max-voxels", type=int, help="refuse larger volumes (default: sized to this machine)")
+    parser.add_argument("--no-snapshots", action="store_true", help="skip the per-nodule PNG snapshots")
+    parser.add_argument("--progress-lines", action="store_true",
+                        help="print 'PROGRESS k/N' lines on stdout instead of a progress bar")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model name, NAME@VERSION or folder (default: glance-small)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--batch", type=int, default=8, help="slices per batch (default 8)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="auto: fp16 autocast on GPU, fp32 on CPU")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+
+
+def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seg-threshold", type=float, help="nodule probability threshold (default 0.5)")
+    parser.add_argument("--det-threshold", type=float, help="centre heatmap threshold (default 0.3)")
+
+
+def postprocess_config(args: argparse.Namespace, base=None):
+    from dataclasses import replace
+
+    from glance.errors import GlanceError
+    from glance.postprocess import PostprocessConfig
+
+    cfg = base or PostprocessConfig()
+    for flag, field in (("seg_threshold", "seg_threshold"), ("det_threshold", "det_threshold")):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if not 0.0 < value < 1.0:
+            raise GlanceError(f"--{flag.replace('_', '-')} must be between 0 and 1, got {value}")
+        cfg = replace(cfg, **{field: value})
+    return cfg
+
+
+def progress_reporter(lines: bool):
+    """A progress callback: 'PROGRESS k/N' lines for the Slicer module, else a terminal bar."""
+    if lines:
+        def report(done: int, total: int) -> None:
+            print(f"PROGRESS {done}/{total}", flush=True)
+        return report, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(desc="slices", unit="slice", disable=None, file=sys.stderr)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+    return update, bar.close
+
+
+def _terminate_as_cancel(signum, frame):
+    from glance.errors import Cancelled
+
+    raise Cancelled("stopped by a termination signal")
+
+
+def run(args: argparse.Namespace) -> int:
+    from glance.errors import GlanceError
+    from glance.infer import InferenceOptions
+    from glance.pipeline import SegmentOptions, run_segment
+
+    if args.example == bool(args.input):
+        raise GlanceError("give an INPUT image or folder, or --example")
+    if args.batch < 1:
+        raise GlanceError(f"--batch must be at least 1, got {args.batch}")
+    out = Path(args.out or ("glance-example" if args.example else ""))
+    if not args.out and not args.example:
+        raise GlanceError("--out DIR is required")
+    signal.signal(signal.SIGTERM, _terminate_as_cancel)
+    options = SegmentOptions(
+        model=args.model,
+        inference=InferenceOptions(args.device, args.batch, args.precision, args.threads),
+        postprocess=postprocess_config(args),
+        series_uid=args.series,
+        max_voxels=args.max_voxels,
+        snapshots=not args.no_snapshots,
+    )
+    ct, extra = _example() if args.example else (_read(args.input, options), None)
+    progress, close = progress_reporter(args.progress_lines)
+    try:
+        analysis, report = run_segment(ct, out, options, args.force, progress, extra_files=extra)
+    finally:
+        close()
+    _summary(analysis, report, out)
+    return 0
+
+
+def _read(path: str, options):
+    from glance.errors import InputError
+    from glance.io import read_volume
+
+    if not Path(path).exists():
+        raise InputError(f"{path}: no such file or folder")
+    return read_volume(path, options.series_uid, options.max_voxels)
+
+
+def _example():
+    """The built-in phantom, and a writer that adds its CT and ground truth to the result."""
+    from glance.io import atomic_write_text, write_image
+    from glance.phantom import make_example_phantom
+
+    phantom = make_example_phantom(seed=0)
+
+    def extra(folder: Path) -> None:
+        write_image(phantom.ct, folder / "example_ct.nrrd")
+        atomic_write_text(folder / "example_ground_truth.json", phantom.to_json())
+    return phantom.ct, extra
+
+
+def _summary(analysis, report: dict, out: Path) -> None:
+    n = len(analysis.nodules)
+    print(f"{n} nodule{'s' if n != 1 else ''} found; results in {out}")
+    for nod in analysis.nodules:
+        l, p, s = nod.centre_lps
+        print(f"  {nod.name}: {nod.long_axis_mm:.1f} x {nod.short_axis_mm:.1f} mm, {nod.volume_mm3:.0f} mm3, "
+              f"{nod.nodule_type}, confidence {nod.confidence:.2f}, at LPS ({l:.1f}, {p:.1f}, {s:.1f}) mm")
+    seconds = report.get("seconds", {})
+    print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))

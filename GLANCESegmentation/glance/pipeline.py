@@ -1,0 +1,240 @@
+""""Segment nodules" end to end: read, preprocess, infer, post-process, measure, scene, export.
+
+Each step lives in its own module; this one only sequences them, times them and
+decides what goes into the result folder. ``segment_volume`` is the in-memory
+core (used by the CLI, the Slicer module and the tests); ``run_segment`` adds
+reading the input and writing the result folder atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from glance import __version__
+from glance.infer import CancelFn, InferenceOptions, ProgressFn
+from glance.nodule import Nodule
+from glance.postprocess import PostprocessConfig
+from glance.volume import Volume
+
+log = logging.getLogger(__name__)
+
+MAPS_DIR = "maps"
+PROB_FILE = "nodule_probability.nrrd"
+HEAT_FILE = "centre_heatmap.nrrd"
+REPORT_FILE = "report.json"
+SEG_DICOM_FILE = "nodules_seg.dcm"
+EXAMPLE_CT_FILE = "example_ct.nrrd"
+
+
+@dataclass
+class SegmentOptions:
+    model: str | None = None  # registry name, NAME@VERSION or a folder; None = default
+    inference: InferenceOptions = field(default_factory=InferenceOptions)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    series_uid: str | None = None
+    max_voxels: int | None = None
+    snapshots: bool = True
+
+
+@dataclass
+class Analysis:
+    """Everything a result folder holds, in memory, on the input grid."""
+
+    ct: Volume
+    prob: np.ndarray  # uint8 p * 255
+    heatmap: np.ndarray  # uint8
+    labels: np.ndarray  # uint16 instance map, values = Nodule.label
+    nodules: list[Nodule]
+    seconds: dict[str, float] = field(default_factory=dict)
+    crop: dict | None = None
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str):
+    t = time.perf_counter()
+    yield
+    seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t
+
+
+def canonical_volume(ct: Volume, array: np.ndarray | None = None):
+    """``ct`` (or a same-grid array) as a Volume in canonical axial order, and its grid."""
+    from glance.io.geometry import canonical_grid
+
+    grid = canonical_grid(ct)
+    m = grid.index_to_lps[:, [2, 1, 0, 3]]  # canonical (c0, c1, c2) = Volume (k, j, i)
+    spacing = tuple(reversed(grid.canonical_spacing))
+    direction = m[:3, :3] / np.asarray(spacing)
+    data = grid.to_canonical(ct.array if array is None else array)
+    return Volume(data, spacing, m[:3, 3], direction, dict(ct.metadata)), grid
+
+
+def load_network(options: SegmentOptions):
+    """(model on its device, model card, model folder) for ``options.model``."""
+    from glance.infer import select_device
+    from glance.model.weights import load_model
+    from glance.registry import resolve_model
+
+    folder = resolve_model(options.model)
+    device = select_device(options.inference.device)
+    model, card = load_model(folder, device)
+    return model, card, folder
+
+
+def analyse_maps(ct: Volume, prob: np.ndarray, heatmap: np.ndarray, cfg: PostprocessConfig,
+                 seconds: dict[str, float] | None = None) -> tuple[np.ndarray, list[Nodule]]:
+    """Steps 4-5 on saved maps (input grid): instance labels and measured nodules.
+    This is all that re-thresholding needs: no network."""
+    from glance.measure import measure_nodules
+    from glance.postprocess import find_nodules
+
+    seconds = {} if seconds is None else seconds
+    canon, grid = canonical_volume(ct)
+    with _timed(seconds, "postprocess"):
+        detections = find_nodules(grid.to_canonical(prob), grid.to_canonical(heatmap),
+                                  tuple(grid.canonical_spacing), cfg)
+        nodules = measure_nodules(detections.labels, canon, detections)
+        labels = np.ascontiguousarray(grid.to_original(detections.labels))
+    boxes = ndimage.find_objects(labels)
+    for nodule in nodules:
+        box = boxes[nodule.label - 1]
+        nodule.bbox = tuple(int(b.start) for b in box) + tuple(int(b.stop) for b in box)
+    return labels, [_on_input_grid(n, ct) for n in nodules]
+
+
+def _on_input_grid(nodule: Nodule, ct: Volume) -> Nodule:
+    """Re-express the canonical indices of a nodule on the input grid (LPS is unchanged)."""
+    ijk = ct.lps_to_ijk(np.asarray(nodule.centre_lps))
+    nodule.centre_ijk = tuple(float(v) for v in ijk)
+    if nodule.long_axis_lps is not None:
+        from glance.io.geometry import axial_axis
+
+        n = axial_axis(ct.direction)
+        nodule.axial_slice = int(round(ct.lps_to_ijk(np.asarray(nodule.long_axis_lps[0]))[n]))
+    return nodule
+
+
+def segment_volume(ct: Volume, network, options: SegmentOptions, progress: ProgressFn | None = None,
+                   cancel: CancelFn | None = None) -> Analysis:
+    """Steps 2-5 on a CT already in memory."""
+    from glance.infer import predict
+    from glance.preprocess import full_crop, lung_crop
+
+    model, card, _ = network
+    prep = card.prep
+    seconds: dict[str, float] = {}
+    canon, grid = canonical_volume(ct)
+    spacing = tuple(grid.canonical_spacing)
+    with _timed(seconds, "preprocess"):
+        crop = lung_crop(canon.array, spacing) if prep.lung_crop else full_crop(canon.array.shape)
+    log.info("lung region: slices %s, rows %s, columns %s of %s", crop.z, crop.y, crop.x, canon.array.shape)
+    maps = predict(canon.array, spacing, crop, model, prep, options.inference, progress, cancel)
+    seconds["preprocess"] += maps.seconds["preprocess"]
+    seconds["model"] = maps.seconds["model"]
+    prob = np.ascontiguousarray(grid.to_original(maps.prob))
+    heat = np.ascontiguousarray(grid.to_original(maps.heatmap))
+    labels, nodules = analyse_maps(ct, prob, heat, options.postprocess, seconds)
+    return Analysis(ct, prob, heat, labels, nodules, seconds, asdict(crop))
+
+
+def algorithm_info(name: str, version: str, cfg: PostprocessConfig):
+    from glance.report import AlgorithmInfo
+
+    return AlgorithmInfo(name=name, version=version,
+                         thresholds={"segmentation": cfg.seg_threshold, "detection": cfg.det_threshold})
+
+
+def write_result(folder: Path, analysis: Analysis, algorithm, report: dict, snapshots: bool = True) -> None:
+    """Write every output file of a result into ``folder`` (a temporary folder the caller swaps in)."""
+    from glance.io import write_image
+    from glance.report import write_csv, write_report_json, write_snapshots
+    from glance.scene import build_scene, save_scene_files
+
+    seconds: dict[str, float] = {}
+    a = analysis
+    with _timed(seconds, "scene"):
+        nodes = build_scene(a.ct, a.labels, a.nodules, algorithm)
+        save_scene_files(nodes, folder)
+        nodes.scene.Clear(0)
+    with _timed(seconds, "export"):
+        (folder / MAPS_DIR).mkdir(exist_ok=True)
+        write_image((a.prob, a.ct), folder / MAPS_DIR / PROB_FILE)
+        write_image((a.heatmap, a.ct), folder / MAPS_DIR / HEAT_FILE)
+        write_csv(a.nodules, folder / "nodules.csv")
+        if snapshots and a.nodules:
+            write_snapshots(a.ct, a.labels, a.nodules, folder / "snapshots")
+        seg_path = _write_dicom_seg(folder, a, algorithm)
+    report.update({
+        "nodules": [n.to_dict() for n in a.nodules],
+        "n_nodules": len(a.nodules),
+        "dicom_seg": seg_path.name if seg_path else None,
+    })
+    report.setdefault("seconds", {}).update({k: round(v, 3) for k, v in {**a.seconds, **seconds}.items()})
+    write_report_json(folder / REPORT_FILE, report)
+
+
+def _write_dicom_seg(folder: Path, a: Analysis, algorithm) -> Path | None:
+    from glance.dicomseg import write_dicom_seg
+
+    files = a.ct.metadata.get("files")
+    if a.ct.metadata.get("format") != "dicom" or not files:
+        return None
+    if not a.nodules:
+        log.info("no nodules found: no DICOM-SEG written")
+        return None
+    if any(f is None for f in files):
+        log.warning("DICOM-SEG not written: the series had interpolated (missing) slices")
+        return None
+    return write_dicom_seg([Path(f) for f in files], a.ct, a.labels, a.nodules, folder / SEG_DICOM_FILE, algorithm)
+
+
+def base_report(ct: Volume, card, folder: Path, options: SegmentOptions, device: str) -> dict:
+    meta = ct.metadata
+    return {
+        "glance_version": __version__,
+        "coordinate_system": "LPS (DICOM patient coordinates, mm); Slicer nodes use RAS",
+        "model": {"name": card.name, "version": card.version, "folder": str(folder),
+                  "weights_sha256": card.weights_sha256, "intended_use": card.intended_use},
+        "thresholds": {"segmentation": options.postprocess.seg_threshold,
+                       "detection": options.postprocess.det_threshold},
+        "postprocess": asdict(options.postprocess),
+        "device": device,
+        "input": {
+            "path": meta.get("source"), "format": meta.get("format"),
+            "series_uid": meta.get("series_uid"), "study_uid": meta.get("study_uid"),
+            "frame_of_reference_uid": meta.get("frame_of_reference_uid"),
+            "shape_kji": list(ct.shape), "spacing_ijk_mm": list(ct.spacing),
+            "origin_lps_mm": list(ct.origin), "direction": ct.direction.tolist(),
+        },
+    }
+
+
+def run_segment(ct: Volume, out_dir: Path, options: SegmentOptions, force: bool = False,
+                progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                extra_files: Callable[[Path], None] | None = None) -> tuple[Analysis, dict]:
+    """Segment ``ct`` and publish the result folder ``out_dir`` atomically."""
+    from glance.infer import device_description
+    from glance.io import OutputFolder
+
+    with OutputFolder(out_dir, force=force) as tmp:
+        t = time.perf_counter()
+        network = load_network(options)
+        load_seconds = time.perf_counter() - t
+        model, card, folder = network
+        device = device_description(next(model.parameters()).device)
+        log.info("model %s@%s on %s", card.name, card.version, device)
+        analysis = segment_volume(ct, network, options, progress, cancel)
+        analysis.seconds["load_model"] = load_seconds
+        report = base_report(ct, card, folder, options, device)
+        if extra_files is not None:
+            extra_files(tmp)
+        algorithm = algorithm_info(card.name, card.version, options.postprocess)
+        write_result(tmp, analysis, algorithm, report, options.snapshots)
+    return analysis, report

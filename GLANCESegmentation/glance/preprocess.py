@@ -1,0 +1,101 @@
+"""Step 2 of "Segment nodules": lung region, windowing and in-plane resampling.
+
+Works on the canonical axial array (``glance.io.geometry``: axis 0 inferior ->
+superior, rows anterior -> posterior, columns right -> left). The lung region
+is found once on a coarse copy; the network input is then produced per batch
+of slices in float32, so no float copy of the whole volume ever exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+log = logging.getLogger(__name__)
+
+AIR_HU = -400  # lung parenchyma and air lie below, soft tissue above
+COARSE_MM = 2.0  # in-plane pixel size of the lung-mask copy
+MIN_LUNG_ML = 20.0  # air pockets smaller than this are not lung (bowel gas, noise)
+MARGIN_MM = 10.0  # kept around the lungs: juxta-pleural nodules sit on their border
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Canonical index box [start, stop) per axis."""
+
+    z: tuple[int, int]
+    y: tuple[int, int]
+    x: tuple[int, int]
+
+    @property
+    def slices(self) -> tuple[slice, slice, slice]:
+        return slice(*self.z), slice(*self.y), slice(*self.x)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.z[1] - self.z[0], self.y[1] - self.y[0], self.x[1] - self.x[0]
+
+
+def full_crop(shape: tuple[int, ...]) -> Crop:
+    return Crop((0, shape[0]), (0, shape[1]), (0, shape[2]))
+
+
+def lung_mask(hu: np.ndarray, spacing: tuple[float, float, float]) -> tuple[np.ndarray, int]:
+    """Coarse lung mask (air inside the body) and its in-plane subsampling step."""
+    step = max(1, int(COARSE_MM / min(spacing[1], spacing[2])))
+    coarse = hu[:, ::step, ::step] < AIR_HU
+    # Air connected to the image border within a slice is outside the body (including FOV padding).
+    per_slice = np.zeros((3, 3, 3), bool)
+    per_slice[1] = ndimage.generate_binary_structure(2, 1)
+    labels, _ = ndimage.label(coarse, structure=per_slice)
+    border = np.unique(np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(),
+                                       labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
+    inside = coarse & ~np.isin(labels, border)
+    labels, n = ndimage.label(inside)
+    if n == 0:
+        return inside, step
+    voxel_ml = spacing[0] * spacing[1] * spacing[2] * step * step / 1000.0
+    sizes = ndimage.sum_labels(inside, labels, index=np.arange(1, n + 1)) * voxel_ml
+    keep = np.flatnonzero(sizes >= MIN_LUNG_ML) + 1
+    return np.isin(labels, keep), step
+
+
+def lung_crop(hu: np.ndarray, spacing: tuple[float, float, float]) -> Crop:
+    """Bounding box of the lungs plus a margin; the whole volume when no lung is found."""
+    mask, step = lung_mask(hu, spacing)
+    if not mask.any():
+        log.warning("no lung region found (no air enclosed by the body); processing the whole volume")
+        return full_crop(hu.shape)
+    zs, ys, xs = (np.flatnonzero(mask.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+    shape = hu.shape
+
+    def box(idx: np.ndarray, axis: int, scale: int) -> tuple[int, int]:
+        margin = int(np.ceil(MARGIN_MM / spacing[axis]))
+        lo, hi = idx[0] * scale - margin, (idx[-1] + 1) * scale + margin
+        return max(0, lo), min(shape[axis], hi)
+
+    return Crop(box(zs, 0, 1), box(ys, 1, step), box(xs, 2, step))
+
+
+def window(hu: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Clamp HU to [low, high] and rescale to [0, 1], float32."""
+    out = hu.astype(np.float32)
+    np.clip(out, low, high, out=out)
+    out -= low
+    out *= 1.0 / (high - low)
+    return out
+
+
+def slice_stack(hu: np.ndarray, z: np.ndarray, context: int, crop: Crop) -> np.ndarray:
+    """(B, 2k+1, h, w) int16 stacks of neighbouring slices, clamped at the volume's ends."""
+    offsets = np.arange(-context, context + 1)
+    idx = np.clip(z[:, None] + offsets[None, :], 0, hu.shape[0] - 1)
+    return hu[idx, crop.slices[1], crop.slices[2]]
+
+
+def working_size(shape_yx: tuple[int, int], spacing_yx: tuple[float, float], target_mm: float) -> tuple[int, int]:
+    """In-plane size after resampling to the model's pixel spacing."""
+    return tuple(max(1, int(round(n * s / target_mm))) for n, s in zip(shape_yx, spacing_yx))

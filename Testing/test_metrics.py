@@ -1,0 +1,175 @@
+"""Segmentation metrics on hand-computed cases (glance_training.metrics)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from scipy.spatial.distance import cdist
+
+from glance_training.metrics import (
+    SegmentationScores,
+    dice,
+    hd95,
+    iou,
+    score_masks,
+    score_nodules,
+    sensitivity,
+    summarize,
+    summarize_cases,
+    summarize_values,
+)
+
+
+def _square(shape, top, left, size):
+    m = np.zeros(shape, bool)
+    m[top : top + size, left : left + size] = True
+    return m
+
+
+def test_overlapping_squares_known_counts():
+    gt = _square((30, 30), 2, 2, 10)  # 100 px
+    pred = _square((30, 30), 5, 6, 10)  # overlap rows 5..11 (7) x cols 6..11 (6) = 42 px
+    assert dice(pred, gt) == pytest.approx(2 * 42 / 200)
+    assert iou(pred, gt) == pytest.approx(42 / (200 - 42))
+    assert sensitivity(pred, gt) == pytest.approx(42 / 100)
+    # Prediction inside the ground truth: recall is the covered fraction, Dice 2*25/(25+100).
+    inner = _square((30, 30), 4, 4, 5)
+    assert sensitivity(inner, gt) == pytest.approx(0.25)
+    assert dice(inner, gt) == pytest.approx(50 / 125)
+    assert iou(inner, gt) == pytest.approx(0.25)
+
+
+def test_hd95_parallel_planes_is_offset_times_spacing():
+    # One-voxel-thick planes: every surface voxel is d slices from the other plane.
+    spacing = (2.5, 0.7, 0.8)  # (sk, sj, si), array order
+    gt = np.zeros((10, 6, 7), bool)
+    pred = gt.copy()
+    gt[2] = True
+    pred[5] = True
+    assert hd95(pred, gt, spacing) == pytest.approx(3 * 2.5)
+    # Planes across the last axis, 3 columns apart: 3 * si; catches a reversed spacing.
+    gt_i, pred_i = np.zeros((10, 6, 7), bool), np.zeros((10, 6, 7), bool)
+    gt_i[..., 1] = True
+    pred_i[..., 4] = True
+    assert hd95(pred_i, gt_i, spacing) == pytest.approx(3 * 0.8)
+
+
+def test_hd95_percentile_and_symmetry_by_hand():
+    # 2-D lines, spacing (rows 3.0, cols 0.5). gt: row 5, cols 2..11 (10 px); pred: cols 2..21.
+    # pred->gt: ten 0s then 0.5, 1.0, ..., 5.0 (20 values); 95th percentile, linear:
+    # position 0.95*19 = 18.05 -> 4.5 + 0.05*(5.0-4.5) = 4.525. gt->pred: all 0. HD95 = 4.525.
+    # (The pooled convention would give 4.275, so this pins the max-of-directed rule.)
+    gt = np.zeros((12, 25), bool)
+    pred = gt.copy()
+    gt[5, 2:12] = True
+    pred[5, 2:22] = True
+    assert hd95(pred, gt, (3.0, 0.5)) == pytest.approx(4.525, abs=1e-6)
+    assert hd95(gt, pred, (3.0, 0.5)) == pytest.approx(4.525, abs=1e-6)
+
+
+def _reference_hd95(pred, gt, spacing):
+    """Brute force of the documented convention: boundary voxels, all pairwise distances."""
+
+    def surface_mm(m):
+        edge = m & ~ndimage.binary_erosion(m)
+        return np.argwhere(edge) * np.asarray(spacing)
+
+    p, g = surface_mm(pred), surface_mm(gt)
+    d = cdist(p, g)
+    return max(np.percentile(d.min(axis=1), 95), np.percentile(d.min(axis=0), 95))
+
+
+def test_hd95_matches_brute_force_on_anisotropic_blobs():
+    rng = np.random.default_rng(3)
+    spacing = (2.0, 0.75, 0.6)
+    for _ in range(3):
+        gt = ndimage.binary_dilation(rng.random((12, 20, 20)) > 0.985, iterations=2)
+        pred = ndimage.binary_dilation(rng.random((12, 20, 20)) > 0.985, iterations=2)
+        assert gt.any() and pred.any()
+        assert hd95(pred, gt, spacing) == pytest.approx(_reference_hd95(pred, gt, spacing), rel=1e-5)
+
+
+def test_empty_mask_rules():
+    empty = np.zeros((4, 5, 6), bool)
+    some = empty.copy()
+    some[1, 2, 3] = True
+    both = score_masks(empty, empty, (1, 1, 1))
+    assert both == SegmentationScores(dice=1.0, iou=1.0, sensitivity=1.0, hd95=0.0)
+    missed = score_masks(empty, some, (1, 1, 1))
+    assert (missed.dice, missed.iou, missed.sensitivity, missed.hd95) == (0.0, 0.0, 0.0, math.inf)
+    spurious = score_masks(some, empty, (1, 1, 1))
+    assert spurious.dice == 0.0 and spurious.hd95 == math.inf and math.isnan(spurious.sensitivity)
+
+
+def test_shape_and_spacing_errors():
+    with pytest.raises(ValueError):
+        dice(np.zeros((3, 3), bool), np.zeros((3, 4), bool))
+    with pytest.raises(ValueError):
+        hd95(np.ones((3, 3), bool), np.ones((3, 3), bool), (1.0, 1.0, 1.0))
+
+
+def test_score_nodules_matches_by_overlap():
+    gt = np.zeros((8, 30, 30), np.int32)
+    gt[2:6, 2:6, 2:6] = 1  # 64 voxels
+    gt[2:6, 20:24, 20:24] = 2  # missed
+    pred = np.zeros_like(gt)
+    pred[2:6, 3:7, 2:6] = 7  # nodule 1 shifted one row: overlap 4*3*4 = 48
+    pred[2:4, 12:14, 12:14] = 3  # false positive, overlaps nothing
+    pred[0, 0, 29] = 9  # tiny speck overlapping nothing
+    scores = {s.gt_label: s for s in score_nodules(pred, gt, (2.0, 1.0, 1.0))}
+    assert set(scores) == {1, 2}
+    assert scores[1].pred_label == 7 and not scores[1].shared
+    assert scores[1].scores.dice == pytest.approx(2 * 48 / 128)
+    assert scores[1].scores.iou == pytest.approx(48 / 80)
+    assert scores[1].scores.sensitivity == pytest.approx(48 / 64)
+    # Both surfaces are shifted by one row (1.0 mm) almost everywhere.
+    assert scores[1].scores.hd95 == pytest.approx(1.0)
+    assert scores[2].pred_label == 0
+    assert scores[2].scores.dice == 0.0 and scores[2].scores.hd95 == math.inf
+
+
+def test_score_nodules_binary_input_and_merged_prediction():
+    gt = np.zeros((5, 20, 20), np.int32)
+    gt[1:4, 2:5, 2:5] = 1
+    gt[1:4, 2:5, 8:11] = 2
+    pred = np.zeros((5, 20, 20), bool)
+    pred[1:4, 2:5, 2:11] = True  # one component covering both nodules
+    scores = score_nodules(pred, gt, (1.0, 1.0, 1.0))
+    assert [s.gt_label for s in scores] == [1, 2]
+    assert all(s.pred_label == 1 and s.shared for s in scores)
+    assert scores[0].scores.sensitivity == 1.0
+    assert scores[0].scores.dice == pytest.approx(2 * 27 / (27 + 81))
+
+
+def test_summaries_exclude_non_finite_and_count_them():
+    s = summarize_values([0.5, 1.0, math.inf, math.nan])
+    assert (s.mean, s.median, s.n, s.n_excluded) == (0.75, 0.75, 2, 2)
+    assert s.std == pytest.approx(math.sqrt(2 * 0.25**2 / 1))
+    single = summarize_values([0.3])
+    assert single.mean == 0.3 and math.isnan(single.std)
+
+
+def test_per_nodule_versus_per_case_aggregation():
+    a = [SegmentationScores(1.0, 1.0, 1.0, 0.5), SegmentationScores(0.5, 0.4, 0.6, math.inf)]
+    b = [SegmentationScores(0.25, 0.2, 0.3, 2.0)]
+    per_nodule = summarize(a + b)
+    assert per_nodule.dice.mean == pytest.approx((1.0 + 0.5 + 0.25) / 3)
+    assert per_nodule.hd95.n == 2 and per_nodule.hd95.n_excluded == 1
+    per_case = summarize_cases({"A": a, "B": b, "empty": []})
+    assert per_case.dice.mean == pytest.approx((0.75 + 0.25) / 2)
+    assert per_case.dice.n == 2
+    assert per_case.hd95.mean == pytest.approx((0.5 + 2.0) / 2)  # case A: its finite HD95 only
+
+
+def test_score_nodules_edge_cases():
+    empty = np.zeros((3, 6, 6), np.uint8)
+    assert score_nodules(empty, empty, (1.0, 1.0, 1.0)) == []
+    gt = empty.copy()
+    gt[1, 2:4, 2:4] = 5  # labels need not start at 1
+    (only,) = score_nodules(empty, gt, (1.0, 1.0, 1.0))
+    assert only.gt_label == 5 and only.pred_label == 0 and only.scores.hd95 == math.inf
+    with pytest.raises(ValueError):
+        score_nodules(empty.astype(float), gt, (1.0, 1.0, 1.0))

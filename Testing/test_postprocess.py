@@ -1,0 +1,248 @@
+"""glance.postprocess: synthetic probability/heatmap maps built from known ground truth."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from glance.errors import InputError
+from glance.postprocess import PostprocessConfig, candidates_for_froc, find_nodules
+
+SPACING = (1.25, 0.7, 0.7)  # (k, j, i) mm
+SHAPE = (48, 96, 96)
+A_CENTRE, A_RADIUS = (16, 30, 30), 6.0
+B_CENTRE, B_RADIUS = (32, 60, 30), 4.5
+GRID = np.indices(SHAPE, dtype=np.float32)
+
+
+def ball(centre, radius_mm, spacing=SPACING, grid=GRID):
+    d2 = sum(((grid[a] - centre[a]) * spacing[a]) ** 2 for a in range(3))
+    return d2 <= radius_mm**2 + 1e-6
+
+
+def gaussian(centre, height, sigma_mm=2.0, spacing=SPACING, grid=GRID):
+    d2 = sum(((grid[a] - centre[a]) * spacing[a]) ** 2 for a in range(3))
+    return (height * np.exp(-d2 / (2 * sigma_mm**2))).astype(np.float32)
+
+
+def tube_along_i(k, j, radius_mm, spacing=SPACING, grid=GRID):
+    return ((grid[0] - k) * spacing[0]) ** 2 + ((grid[1] - j) * spacing[1]) ** 2 <= radius_mm**2
+
+
+def scene(a_height=0.9, b_height=0.6):
+    """Sphere A (prob 0.95), sphere B (prob 0.8), a vessel with probability but no
+    heatmap, a heatmap peak in air, and a 2 mm blob with both."""
+    prob = np.zeros(SHAPE, np.float32)
+    heat = np.zeros(SHAPE, np.float32)
+    truth = {
+        "A": ball(A_CENTRE, A_RADIUS),
+        "B": ball(B_CENTRE, B_RADIUS),
+        "vessel": tube_along_i(40, 80, 1.5),
+        "blob": ball((40, 20, 70), 1.0),
+    }
+    prob[truth["A"]] = 0.95
+    prob[truth["B"]] = 0.8
+    prob[truth["vessel"]] = 0.9
+    prob[truth["blob"]] = 0.9
+    for centre, h in ((A_CENTRE, a_height), (B_CENTRE, b_height), ((8, 75, 75), 0.8), ((40, 20, 70), 0.99)):
+        heat = np.maximum(heat, gaussian(centre, h))
+    return prob, heat, truth
+
+
+def test_scene_keeps_exactly_the_two_spheres():
+    prob, heat, truth = scene()
+    det = find_nodules(prob, heat, SPACING)
+    assert det.labels.dtype == np.uint16 and det.labels.shape == SHAPE
+    assert np.array_equal(det.labels == 1, truth["A"])
+    assert np.array_equal(det.labels == 2, truth["B"])
+    assert det.labels.max() == 2
+    # vessel (no heatmap peak), peak in air (no probability), 2 mm blob (min size): all gone
+    assert not det.labels[truth["vessel"] | truth["blob"]].any()
+    assert det.labels[8, 75, 75] == 0
+
+    a, b = det.candidates
+    assert (a.label, a.peak_index, a.position_index) == (1, A_CENTRE, tuple(map(float, A_CENTRE)))
+    assert (b.label, b.peak_index, b.position_index) == (2, B_CENTRE, tuple(map(float, B_CENTRE)))
+    assert a.detection_score == pytest.approx(0.9, abs=1e-6)
+    assert a.mean_probability == pytest.approx(0.95, abs=1e-6)
+    assert a.confidence == pytest.approx(0.9 * 0.95, abs=1e-6)
+    assert b.confidence == pytest.approx(0.6 * 0.8, abs=1e-6)
+    assert a.component_voxels == truth["A"].sum()
+    # peaks >= 0.3: A's Gaussian is 0.9*exp(-(n*1.25)^2/8) = 0.74, 0.41, 0.16 n slices off
+    assert a.slices == (14, 18)
+    box = ndimage.find_objects(truth["A"].astype(np.uint8))[0]
+    assert a.bbox == tuple(s.start for s in box) + tuple(s.stop for s in box)
+    assert det.by_label(2) is b
+
+
+def test_min_diameter_is_what_drops_the_small_blob():
+    prob, heat, truth = scene()
+    # 9 voxels x 0.6125 mm^3: equivalent diameter 2.19 mm
+    assert truth["blob"].sum() == 9
+    det = find_nodules(prob, heat, SPACING, PostprocessConfig(min_diameter_mm=2.0))
+    assert det.labels.max() == 3
+    assert np.array_equal(det.labels == 1, truth["blob"])  # 0.99 x 0.9 beats A's 0.9 x 0.95
+    assert det.candidates[0].peak_index == (40, 20, 70)
+
+
+def test_order_follows_confidence():
+    prob, heat, truth = scene(a_height=0.5, b_height=0.9)
+    det = find_nodules(prob, heat, SPACING)
+    assert np.array_equal(det.labels == 1, truth["B"])  # 0.9 x 0.8 = 0.72
+    assert np.array_equal(det.labels == 2, truth["A"])  # 0.5 x 0.95 = 0.475
+    assert [c.label for c in det.candidates] == [1, 2]
+    assert det.candidates[0].confidence > det.candidates[1].confidence
+
+
+@pytest.mark.parametrize(
+    "change, expect_b",
+    [
+        ({"seg_threshold": 0.85}, False),  # B's probability is 0.8
+        ({"seg_threshold": 0.8}, True),  # thresholds are inclusive
+        ({"det_threshold": 0.65}, False),  # B's heatmap peak is 0.6
+        ({"det_threshold": 0.6}, True),
+    ],
+)
+def test_thresholds_change_the_result(change, expect_b):
+    prob, heat, truth = scene()
+    det = find_nodules(prob, heat, SPACING, PostprocessConfig(**change))
+    assert np.array_equal(det.labels == 1, truth["A"])
+    assert det.labels.max() == (2 if expect_b else 1)
+    assert np.array_equal(det.labels == 2, truth["B"] if expect_b else np.zeros(SHAPE, bool))
+
+
+def test_uint8_float32_float16_agree():
+    prob, heat, _ = scene()
+    prob_u8 = np.round(prob * 255).astype(np.uint8)
+    heat_u8 = np.round(heat * 255).astype(np.uint8)
+    results = [
+        find_nodules(prob_u8, heat_u8, SPACING),
+        find_nodules(prob_u8 / np.float32(255), heat_u8 / np.float32(255), SPACING),
+        find_nodules(prob_u8.astype(np.float16) / 255, heat_u8.astype(np.float16) / 255, SPACING),
+        find_nodules(prob, heat, SPACING),
+    ]
+    for r in results[1:]:
+        assert np.array_equal(r.labels, results[0].labels)
+        assert [c.peak_index for c in r.candidates] == [c.peak_index for c in results[0].candidates]
+        for c, c0 in zip(r.candidates, results[0].candidates):
+            assert c.confidence == pytest.approx(c0.confidence, abs=4e-3)
+    # threshold exactly on a uint8 level: 0.2 * 255 = 51 is inside, 50 is not
+    p = np.zeros((5, 9, 9), np.uint8)
+    h = np.zeros_like(p)
+    p[1:4, 3:6, 3:6] = 51
+    h[2, 4, 4] = 200
+    cfg = PostprocessConfig(seg_threshold=0.2, min_diameter_mm=0.0)
+    assert find_nodules(p, h, (1, 1, 1), cfg).labels.sum() == 27
+    assert find_nodules(p - (p > 0), h, (1, 1, 1), cfg).labels.sum() == 0
+    assert find_nodules(p / np.float32(255), h / np.float32(255), (1, 1, 1), cfg).labels.sum() == 27
+
+
+def test_empty_maps_give_no_nodules():
+    z = np.zeros((6, 20, 20), np.uint8)
+    for prob, heat in ((z, z), (z + 255, z), (z, z + 255)):
+        det = find_nodules(prob, heat, (1.0, 1.0, 1.0))
+        assert det.candidates == [] and det.labels.dtype == np.uint16 and not det.labels.any()
+    assert candidates_for_froc(z, z, (1.0, 1.0, 1.0)) == []
+
+
+def test_touching_spheres_with_two_peaks_are_two_nodules():
+    shape, spacing = (20, 30, 50), (1.0, 1.0, 1.0)
+    grid = np.indices(shape, dtype=np.float32)
+    left = ball((10, 15, 20), 4.6, spacing, grid)
+    right = ball((10, 15, 29), 4.6, spacing, grid)
+    union = left | right
+    assert ndimage.label(union, structure=np.ones((3, 3, 3)))[1] == 1  # one component
+    prob = union.astype(np.float32)
+    heat = np.maximum(
+        gaussian((10, 15, 20), 0.9, 2.0, spacing, grid), gaussian((10, 15, 29), 0.8, 2.0, spacing, grid)
+    )
+    det = find_nodules(prob, heat, spacing)
+    # equal seeds: the cut is the mid-plane i = 24.5
+    split = grid[2] <= 24
+    assert np.array_equal(det.labels == 1, union & split)
+    assert np.array_equal(det.labels == 2, union & ~split)
+    assert [c.peak_index for c in det.candidates] == [(10, 15, 20), (10, 15, 29)]
+
+
+def test_two_peaks_inside_one_nodule_stay_one():
+    shape, spacing = (24, 40, 40), (1.0, 1.0, 1.0)
+    grid = np.indices(shape, dtype=np.float32)
+    sphere = ball((12, 20, 20), 8.0, spacing, grid)
+    prob = sphere.astype(np.float32)
+    # two peaks 6 mm apart: closer than the equivalent radius of either half (6.35 mm)
+    heat = np.maximum(
+        gaussian((12, 20, 17), 0.9, 1.0, spacing, grid), gaussian((12, 20, 23), 0.7, 1.0, spacing, grid)
+    )
+    cfg = PostprocessConfig(nms_radius_mm=2.0)
+    det = find_nodules(prob, heat, spacing, cfg)
+    assert np.array_equal(det.labels == 1, sphere) and det.labels.max() == 1
+    assert det.candidates[0].peak_index == (12, 20, 17)
+    assert det.candidates[0].detection_score == pytest.approx(0.9, abs=1e-6)
+    # with a smaller merge factor the halves count as two nodules
+    two = find_nodules(prob, heat, spacing, replace(cfg, split_separation=0.9))
+    assert two.labels.max() == 2 and np.array_equal(two.labels > 0, sphere)
+
+
+def test_one_heatmap_chain_over_two_components_gives_two_nodules():
+    shape, spacing = (30, 20, 20), (1.0, 1.0, 1.0)
+    grid = np.indices(shape, dtype=np.float32)
+    low, high = ball((9, 10, 10), 3.0, spacing, grid), ball((18, 10, 10), 3.0, spacing, grid)
+    prob = (low | high).astype(np.float32)
+    heat = np.zeros(shape, np.float32)
+    heat[5:23, 10, 10] = 0.8  # one peak per slice, one chain across both spheres
+    heat[9, 10, 10] = 0.9
+    det = find_nodules(prob, heat, spacing)
+    assert np.array_equal(det.labels == 1, low)
+    assert np.array_equal(det.labels == 2, high)
+    assert det.candidates[1].slices == (15, 21)  # the chain's supported peaks in "high"
+
+
+def test_nodule_on_a_vessel_is_clipped_to_max_diameter():
+    prob = np.zeros(SHAPE, np.float32)
+    nodule, vessel = ball(A_CENTRE, A_RADIUS), tube_along_i(A_CENTRE[0], A_CENTRE[1], 1.5)
+    prob[nodule | vessel] = 0.9
+    heat = gaussian(A_CENTRE, 0.9)
+    det = find_nodules(prob, heat, SPACING, PostprocessConfig(max_diameter_mm=30.0))
+    expected = (nodule | vessel) & ball(A_CENTRE, 15.0)
+    assert np.array_equal(det.labels == 1, expected) and det.labels.max() == 1
+    assert not (det.labels[vessel & ~expected]).any()
+
+
+def test_candidates_for_froc_use_the_low_threshold_and_cap():
+    prob, heat, truth = scene()
+    faint = ball((30, 30, 70), 3.0)
+    prob[faint] = 0.9
+    heat = np.maximum(heat, gaussian((30, 30, 70), 0.1))
+    assert find_nodules(prob, heat, SPACING).labels.max() == 2
+    cands = candidates_for_froc(prob, heat, SPACING)
+    assert [c.label for c in cands] == [1, 2, 3]
+    assert [c.peak_index for c in cands] == [A_CENTRE, B_CENTRE, (30, 30, 70)]
+    assert cands[2].confidence == pytest.approx(0.1 * 0.9, abs=1e-6)
+    capped = candidates_for_froc(prob, heat, SPACING, PostprocessConfig(max_candidates=2))
+    assert [c.peak_index for c in capped] == [A_CENTRE, B_CENTRE]
+
+
+@pytest.mark.parametrize(
+    "prob, heat, spacing",
+    [
+        (np.zeros((4, 5, 5), np.uint8), np.zeros((4, 5, 6), np.uint8), (1, 1, 1)),
+        (np.zeros((4, 5, 5), np.int16), np.zeros((4, 5, 5), np.uint8), (1, 1, 1)),
+        (np.zeros((5, 5), np.uint8), np.zeros((5, 5), np.uint8), (1, 1, 1)),
+        (np.zeros((4, 5, 5), np.uint8), np.zeros((4, 5, 5), np.uint8), (1, 0, 1)),
+    ],
+)
+def test_bad_maps_raise_input_error(prob, heat, spacing):
+    with pytest.raises(InputError):
+        find_nodules(prob, heat, spacing)
+
+
+def test_scipy_fallback_without_cc3d(monkeypatch):
+    prob, heat, truth = scene()
+    monkeypatch.setitem(__import__("sys").modules, "cc3d", None)  # import cc3d -> ImportError
+    det = find_nodules(prob, heat, SPACING)
+    assert np.array_equal(det.labels == 1, truth["A"])
+    assert np.array_equal(det.labels == 2, truth["B"])
+    assert det.labels.max() == 2
