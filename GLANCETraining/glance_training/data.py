@@ -52,13 +52,16 @@ class DataSpec:
 
 
 def _phantoms(arg: str, seed: int) -> CaseList:
+    from glance.phantom.generate import PhantomConfig
     from glance_training.datasets.synthetic import phantom_cases
 
     try:
         n = int(arg)
     except ValueError:
         raise GlanceError(f"--data phantom:{arg}: expected a number of phantoms") from None
-    return phantom_cases(n, seed=seed)
+    # A chest-sized field of view at clinical spacing with many nodules per scan: ~5 s each to
+    # generate instead of ~20 s for the 512 x 512 x 240 default, and more positives per scan.
+    return phantom_cases(n, seed=seed, config=PhantomConfig((352, 352, 96), (0.9, 0.9, 1.5), n_nodules=10))
 
 
 _LOADERS = {

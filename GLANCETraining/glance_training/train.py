@@ -52,6 +52,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     t0_epochs: int = 20
     val_samples: int = 96
+    cache_cases: int = 64  # loaded cases kept in memory per loader
     seed: int = 0
     device: str = "auto"
     workers: int = 0
@@ -141,8 +142,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         split = SplitConfig(cfg.split, cfg.seed, cfg.held_out)
         self.groups = build_groups(cfg.data, cfg.seed, split, cfg.patch_size, cfg.crop_patch_size)
+        # Every case stays cached once loaded: generated phantoms are the costly ones to rebuild.
         self.sampling = SliceSamplingConfig(pixel_spacing_mm=cfg.pixel_spacing_mm,
-                                            context_slices=cfg.context_slices, positive_prob=cfg.positive_prob)
+                                            context_slices=cfg.context_slices, positive_prob=cfg.positive_prob,
+                                            samples_per_case=cfg.batch, cache_cases=cfg.cache_cases)
         self.model, self.base_card = self._initial_model(build_model, config_for)
         self.model.to(self.device)
         self.loss_fn = GlanceLoss()
@@ -150,6 +153,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(self.optimizer, T_0=cfg.t0_epochs)
         self.history: list[EpochRecord] = []
         self.epoch = 0
+        self._sets: list | None = None
+        self._val_sets: list | None = None
         self.net = self.model
         if self.dist.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -171,16 +176,21 @@ class Trainer:
 
     # -- data -------------------------------------------------------------------------------
 
+    def _train_sets(self) -> list:
+        """One dataset per patch group, built once so loaded cases stay cached across epochs."""
+        if self._sets is None:
+            steps = -(-self.cfg.steps_per_epoch // len(self.groups["train"]))
+            self._sets = [g.dataset(self.sampling, steps * self.cfg.batch, self.cfg.seed, augment=True)
+                          for g in self.groups["train"]]
+        return self._sets
+
     def _loaders(self, epoch: int) -> list:
         """One loader per patch group for this epoch; each rank sees its own share."""
         from torch.utils.data import DataLoader
         from torch.utils.data.distributed import DistributedSampler
 
         loaders = []
-        n_groups = len(self.groups["train"])
-        for g in self.groups["train"]:
-            steps = -(-self.cfg.steps_per_epoch // n_groups)
-            ds = g.dataset(self.sampling, steps * self.cfg.batch, self.cfg.seed, augment=True)
+        for ds in self._train_sets():
             ds.set_epoch(epoch)
             sampler = DistributedSampler(ds, self.dist.world, self.dist.rank, shuffle=False)
             loaders.append(DataLoader(ds, batch_size=self.cfg.batch // self.dist.world, sampler=sampler,
@@ -232,13 +242,14 @@ class Trainer:
         """(mean Dice at p >= 0.5 over validation nodule slices, mean validation loss)."""
         from torch.utils.data import DataLoader
 
-        groups = self.groups["val"]
-        if not groups:
+        if not self.groups["val"]:
             return float("nan"), float("nan")
+        if self._val_sets is None:
+            self._val_sets = [g.dataset(self.sampling, self.cfg.val_samples, self.cfg.seed + 1, augment=False)
+                              for g in self.groups["val"]]
         self.model.eval()
         dices, losses = [], []
-        for g in groups:
-            ds = g.dataset(self.sampling, self.cfg.val_samples, self.cfg.seed + 1, augment=False)
+        for ds in self._val_sets:
             for batch in DataLoader(ds, batch_size=self.cfg.batch, num_workers=self.cfg.workers):
                 batch = self._to_device(batch)
                 out = self.model(batch["image"])
@@ -249,8 +260,10 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def fit(self) -> list[EpochRecord]:
-        while self.epoch < self.cfg.epochs:
+    def fit(self, stop_after: int | None = None) -> list[EpochRecord]:
+        """Train to ``cfg.epochs`` (or to epoch ``stop_after``, as if interrupted there)."""
+        last = self.cfg.epochs if stop_after is None else min(stop_after, self.cfg.epochs)
+        while self.epoch < last:
             t = time.perf_counter()
             parts = self.train_epoch()
             val_dice, val_loss = self.validate()

@@ -1,0 +1,527 @@
+"""GLANCE Segmentation: find and segment lung nodules in a chest CT.
+
+A thin front over the ``glance`` engine shipped in this folder. The network runs
+in a background process (``PythonSlicer -m glance.cli segment ...``) so Slicer
+stays responsive; results come back as the engine's segmentation, fiducial and
+table nodes. The engine and its heavy dependencies are imported only inside the
+functions that need them, so loading this module at Slicer start-up is cheap.
+"""
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import qt
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+MODULE_DIR = Path(__file__).resolve().parent
+POLL_MS = 100
+REFILTER_DELAY_MS = 300  # wait for the slider to settle before re-filtering
+TABLE_COLUMNS = (  # (header, nodules.csv column, format)
+    ("Accept", "accepted", None),
+    ("Nodule", "name", "{}"),
+    ("Long (mm)", "long_axis_mm", "{:.1f}"),
+    ("Short (mm)", "short_axis_mm", "{:.1f}"),
+    ("Volume (mm³)", "volume_mm3", "{:.0f}"),
+    ("Type", "type", "{}"),
+    ("Confidence", "confidence", "{:.0%}"),
+)
+
+
+def engine():
+    """The ``glance`` package shipped next to this file, imported on first use."""
+    if str(MODULE_DIR) not in sys.path:
+        sys.path.insert(0, str(MODULE_DIR))
+    import glance
+    import glance.registry
+    import glance.report
+    import glance.runner
+    import glance.scene
+
+    return glance
+
+
+class GLANCESegmentation(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("GLANCE Segmentation")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["GLANCE for 3D Slicer contributors"]
+        self.parent.helpText = _(
+            "Finds and segments lung nodules in a chest CT with the GLANCE model, measures them "
+            "and exports the accepted ones as DICOM-SEG. Research use only, not for clinical use."
+        )
+        self.parent.acknowledgementText = _(
+            "GLANCE: a global-local dual-stream network for lung nodule segmentation. "
+            "Test data: LIDC-IDRI (TCIA, CC BY 3.0)."
+        )
+
+
+class GLANCESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._job = None
+        self._jobKind = None
+        self._outDir = None
+        self._nodes = None
+        self._rows = []
+        self._fillingTable = False
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/GLANCESegmentation.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = GLANCESegmentationLogic()
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_MS)
+        self._pollTimer.connect("timeout()", self.onPollJob)
+        self._refilterTimer = qt.QTimer()
+        self._refilterTimer.setSingleShot(True)
+        self._refilterTimer.setInterval(REFILTER_DELAY_MS)
+        self._refilterTimer.connect("timeout()", self.onRefilter)
+
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.detectionThresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
+        self.ui.segmentationThresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.resultsTable.connect("cellClicked(int,int)", self.onRowClicked)
+        self.ui.resultsTable.connect("itemChanged(QTableWidgetItem*)", self.onItemChanged)
+        self.ui.showSurfacesCheckBox.connect("toggled(bool)", self.onShowSurfaces)
+        self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+
+        self.ui.resultsTable.setColumnCount(len(TABLE_COLUMNS))
+        self.ui.resultsTable.setHorizontalHeaderLabels([header for header, _key, _fmt in TABLE_COLUMNS])
+        self.ui.progressBar.setValue(0)
+        self.populateDevices()
+        self.updateButtons()
+
+    def cleanup(self):
+        if self._job is not None:
+            self._job.cancel()
+        self.removeObservers()
+
+    def enter(self):
+        # A model trained in GLANCE Training since the last visit shows up here.
+        self.populateModels()
+
+    def onSceneStartClose(self, caller, event):
+        if self._job is not None:
+            self._job.cancel()
+            self._job = None
+        self._nodes = None
+        self._rows = []
+        self.ui.resultsTable.setRowCount(0)
+        self.updateButtons()
+
+    # -- inputs ---------------------------------------------------------------
+
+    def populateModels(self):
+        current = self.ui.modelSelector.currentData
+        self.ui.modelSelector.blockSignals(True)
+        self.ui.modelSelector.clear()
+        try:
+            for entry in self.logic.models():
+                self.ui.modelSelector.addItem(self.logic.modelTitle(entry), entry.ref)
+        except Exception as exc:  # an unreadable user model must not break the module
+            self.showStatus(_("Could not list models: {error}").format(error=exc))
+        index = self.ui.modelSelector.findData(current) if current else -1
+        self.ui.modelSelector.setCurrentIndex(max(index, 0))
+        self.ui.modelSelector.blockSignals(False)
+        self.onModelChanged()
+
+    def populateDevices(self):
+        self.ui.deviceSelector.clear()
+        for title, value in self.logic.deviceChoices():
+            self.ui.deviceSelector.addItem(title, value)
+
+    def onModelChanged(self, index=None):
+        entry = self.logic.modelByRef(self.ui.modelSelector.currentData)
+        self.ui.modelCardBrowser.setHtml(self.logic.modelCardHtml(entry) if entry else "")
+        self.updateButtons()
+
+    def updateButtons(self, *args):
+        running = self._job is not None and self._jobKind == "segment"
+        haveInput = self.ui.inputVolumeSelector.currentNode() is not None and self.ui.modelSelector.count > 0
+        self.ui.segmentButton.enabled = running or haveInput
+        self.ui.segmentButton.text = _("Cancel") if running else _("Segment nodules")
+        self.ui.exportButton.enabled = self._nodes is not None and self._job is None
+
+    def showStatus(self, text):
+        self.ui.statusLabel.text = text
+        logging.info(text)
+
+    # -- segmentation job -------------------------------------------------------
+
+    def onSegmentButton(self):
+        if self._job is not None and self._jobKind == "segment":
+            self._job.cancel()
+            self.finishJob()
+            self.showStatus(_("Cancelled."))
+            return
+        if not self.logic.ensureDependencies():
+            self.showStatus(_("GLANCE needs its Python packages; nothing was run."))
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not start segmentation."), waitCursor=True):
+            self.clearResult()
+            self._outDir = self.logic.newOutputFolder()
+            self._job = self.logic.startSegmentation(
+                self.ui.inputVolumeSelector.currentNode(),
+                self.ui.modelSelector.currentData,
+                self.ui.deviceSelector.currentData,
+                self.ui.detectionThresholdSlider.value,
+                self.ui.segmentationThresholdSlider.value,
+                self._outDir,
+            )
+            self.startPolling("segment", _("Segmenting..."))
+
+    def onThresholdChanged(self, value):
+        if self._outDir is not None and self._nodes is not None:
+            self._refilterTimer.start()  # restarts while the slider moves
+
+    def onRefilter(self):
+        if self._job is not None:  # a refilter is running; try again when it is done
+            self._refilterTimer.start()
+            return
+        self._job = self.logic.startRefilter(
+            self._outDir, self.ui.detectionThresholdSlider.value, self.ui.segmentationThresholdSlider.value
+        )
+        self.startPolling("refilter", _("Re-filtering..."))
+
+    def startPolling(self, kind, text):
+        self._jobKind = kind
+        self.ui.progressBar.setValue(0)
+        self.showStatus(text)
+        self._pollTimer.start()
+        self.updateButtons()
+
+    def onPollJob(self):
+        status = self._job.poll()
+        if status.fraction is not None:
+            self.ui.progressBar.setValue(int(round(1000 * status.fraction)))
+        if status.stage:
+            self.ui.statusLabel.text = status.stage
+        if not status.state.finished:
+            return
+        kind = self._jobKind
+        self.finishJob()
+        if status.state.value == "succeeded":
+            self.ui.progressBar.setValue(1000)
+            with slicer.util.tryWithErrorDisplay(_("Could not load the result."), waitCursor=True):
+                self.showResult()
+        elif status.state.value == "failed":
+            self.showStatus(_("Failed: {error}").format(error=status.error))
+            slicer.util.errorDisplay(_("GLANCE {kind} failed:\n{error}").format(kind=kind, error=status.error))
+
+    def finishJob(self):
+        self._pollTimer.stop()
+        self._job = None
+        self._jobKind = None
+        self.updateButtons()
+
+    # -- results ----------------------------------------------------------------
+
+    def clearResult(self):
+        if self._nodes is not None:
+            self.logic.removeResult(self._nodes)
+        self._nodes = None
+        self._rows = []
+        self.ui.resultsTable.setRowCount(0)
+
+    def showResult(self):
+        self.clearResult()
+        volumeNode = self.ui.inputVolumeSelector.currentNode()
+        self._nodes = self.logic.loadResult(self._outDir, volumeNode)
+        self._rows = self.logic.resultRows(self._outDir)
+        self.logic.showSurfaces(self._nodes, self.ui.showSurfacesCheckBox.checked)
+        self.fillTable()
+        self.showStatus(_("{count} nodule(s) found.").format(count=len(self._rows)))
+        self.updateButtons()
+
+    def fillTable(self):
+        self._fillingTable = True
+        table = self.ui.resultsTable
+        table.setRowCount(len(self._rows))
+        for r, row in enumerate(self._rows):
+            for c, (_header, key, fmt) in enumerate(TABLE_COLUMNS):
+                if fmt is None:
+                    item = qt.QTableWidgetItem()
+                    item.setFlags(qt.Qt.ItemIsUserCheckable | qt.Qt.ItemIsEnabled | qt.Qt.ItemIsSelectable)
+                    item.setCheckState(qt.Qt.Checked if row[key] else qt.Qt.Unchecked)
+                else:
+                    item = qt.QTableWidgetItem(fmt.format(row[key]))
+                table.setItem(r, c, item)
+        table.resizeColumnsToContents()
+        self._fillingTable = False
+
+    def onItemChanged(self, item):
+        if self._fillingTable or item.column() != 0 or self._nodes is None:
+            return
+        label = self._rows[item.row()]["label"]
+        self.logic.setAccepted(self._nodes, label, item.checkState() == qt.Qt.Checked)
+
+    def onRowClicked(self, row, column):
+        if self._nodes is not None and column != 0:
+            self.logic.jumpToNodule(self._nodes, row)
+
+    def onShowSurfaces(self, show):
+        if self._nodes is not None:
+            self.logic.showSurfaces(self._nodes, show)
+
+    def onExportButton(self):
+        with slicer.util.tryWithErrorDisplay(_("DICOM-SEG export failed."), waitCursor=True):
+            message = self.logic.exportDicomSeg(
+                self._nodes, self._outDir, self.ui.exportPathLineEdit.currentPath,
+                self.ui.addToDatabaseCheckBox.checked,
+            )  # fmt: skip
+            self.showStatus(message)
+            slicer.util.infoDisplay(message)
+
+
+class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
+    """Collects inputs, starts the engine and brings results into the scene.
+
+    Every step is an engine function (glance.runner, glance.scene, glance.registry,
+    glance.dicomseg); this class only adds what needs the Slicer application.
+    """
+
+    # The result on screen, for GLANCE Training's "Add current reviewed result".
+    currentResult = None
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    # -- models and devices -------------------------------------------------------
+
+    def models(self):
+        return engine().registry.list_models()
+
+    def modelByRef(self, ref):
+        """The registry entry for ``name@version``, the value the engine's ``--model`` takes."""
+        return next((m for m in self.models() if m.ref == ref), None) if ref else None
+
+    @staticmethod
+    def modelTitle(entry):
+        origin = _("shipped") if entry.shipped else _("trained here")
+        return f"{entry.name} {entry.version} ({origin})"
+
+    @staticmethod
+    def modelCardHtml(entry):
+        import html
+
+        rows = "".join(
+            f"<tr><td><b>{html.escape(str(k))}</b></td><td>{html.escape(_cardValue(v))}</td></tr>"
+            for k, v in entry.card.items()
+        )
+        return f"<h4>{html.escape(entry.name)} {html.escape(str(entry.version))}</h4><table>{rows}</table>"
+
+    def deviceChoices(self):
+        choices = [(_("Automatic"), "auto"), (_("CPU"), "cpu")]
+        gpus = engine().runner.gpu_names()
+        for i, name in enumerate(gpus):
+            choices.append((_("GPU: {name}").format(name=name), "cuda" if len(gpus) == 1 else f"cuda:{i}"))
+        return choices
+
+    # -- first use ----------------------------------------------------------------
+
+    def ensureDependencies(self):
+        """Install what the engine needs, asking first; False if the user declined."""
+        runner = engine().runner
+        status = runner.dependency_status()
+        if any(d.module == "torch" and not d.present for d in status):
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                slicer.util.errorDisplay(_("GLANCE needs the PyTorch extension. Install it from the Extensions Manager."))
+                return False
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
+                return False
+        missing = runner.missing_pip_requirements(status)
+        if missing:
+            question = _("GLANCE needs these Python packages: {packages}. Install them now?").format(
+                packages=", ".join(missing)
+            )
+            if not slicer.util.confirmOkCancelDisplay(question):
+                return False
+            # Only packages Slicer does not ship; numpy, SimpleITK and vtk are never touched.
+            slicer.util.pip_install(missing)
+        return True
+
+    # -- running the engine -----------------------------------------------------------
+
+    @staticmethod
+    def newOutputFolder():
+        return Path(tempfile.mkdtemp(prefix="glance-", dir=slicer.app.temporaryPath))
+
+    def startSegmentation(self, volumeNode, model, device, detThreshold, segThreshold, outDir):
+        runner = engine().runner
+        # The engine reads the CT exactly as Slicer holds it (LPS NRRD), whatever it was loaded from.
+        inputPath = Path(outDir) / "input.nrrd"
+        if not slicer.util.saveNode(volumeNode, str(inputPath)):
+            raise RuntimeError(_("Could not write the CT to {path}").format(path=inputPath))
+        command = runner.segment_command(inputPath, Path(outDir) / "result", model, device, segThreshold, detThreshold)
+        return runner.BackgroundJob(command).start()
+
+    def startRefilter(self, outDir, detThreshold, segThreshold):
+        runner = engine().runner
+        return runner.BackgroundJob(runner.refilter_command(Path(outDir) / "result", detThreshold, segThreshold)).start()
+
+    # -- results ----------------------------------------------------------------------
+
+    def loadResult(self, outDir, volumeNode, scene=None):
+        """The engine's nodes for a finished run, placed under the CT's study."""
+        glance = engine()
+        scene = scene or slicer.mrmlScene
+        nodes = glance.scene.load_result(Path(outDir) / "result", scene=scene, reference_volume_node=volumeNode)
+        shNode = scene.GetSubjectHierarchyNode()
+        study = shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode))
+        for node in (nodes.segmentation_node, nodes.markups_node, nodes.table_node):
+            item = shNode.GetItemByDataNode(node)
+            if item:
+                shNode.SetItemParent(item, study)
+            else:  # no item yet: a scene without Slicer's subject hierarchy plugins (scripts, CI)
+                shNode.CreateItem(study, node)
+        GLANCESegmentationLogic.currentResult = nodes
+        return nodes
+
+    @staticmethod
+    def resultRows(outDir):
+        glance = engine()
+        return glance.report.read_csv(Path(outDir) / "result" / glance.scene.CSV_FILE)
+
+    @staticmethod
+    def removeResult(nodes):
+        for node in (nodes.segmentation_node, nodes.markups_node, nodes.table_node):
+            nodes.scene.RemoveNode(node)
+        if GLANCESegmentationLogic.currentResult is nodes:
+            GLANCESegmentationLogic.currentResult = None
+
+    @staticmethod
+    def showSurfaces(nodes, show):
+        if show:
+            nodes.segmentation_node.CreateClosedSurfaceRepresentation()
+        nodes.segmentation_node.GetDisplayNode().SetVisibility3D(bool(show))
+
+    @staticmethod
+    def setAccepted(nodes, label, accepted):
+        engine().scene.set_nodule_accepted(nodes, label, accepted)
+
+    @staticmethod
+    def jumpToNodule(nodes, row):
+        # Control points are in table-row order (glance.scene).
+        slicer.modules.markups.logic().JumpSlicesToNthPointInMarkup(nodes.markups_node.GetID(), row, True)
+
+    # -- export -------------------------------------------------------------------------
+
+    @staticmethod
+    def dicomSourceFiles(volumeNode):
+        """The DICOM files the CT was loaded from; empty when it is not from the DICOM database."""
+        uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()
+        database = getattr(slicer, "dicomDatabase", None)
+        if not uids or database is None:
+            return []
+        files = [database.fileForInstance(uid) for uid in uids]
+        return [f for f in files if f]
+
+    def exportDicomSeg(self, nodes, outDir, outPath, addToDatabase):
+        """Write the accepted nodules as DICOM-SEG; returns the message for the user."""
+        glance = engine()
+        if nodes is None:
+            return _("Nothing to export: run Segment nodules first.")
+        accepted = glance.scene.accepted_labels(nodes)
+        if not accepted:
+            return _("Nothing to export: no nodule is accepted.")
+        sources = self.dicomSourceFiles(nodes.volume_node)
+        if not sources:
+            return _(
+                "The CT was not loaded from DICOM, so there is no study to attach a DICOM-SEG to. "
+                "Load the CT through the DICOM module, or save the segmentation as .seg.nrrd instead."
+            )
+        if not outPath:
+            outPath = str(Path(outDir) / "export" / "nodules-seg.dcm")
+        import glance.dicomseg
+
+        path = glance.dicomseg.export_result_dicom_seg(Path(outDir) / "result", sources, Path(outPath), accepted)
+        if addToDatabase:
+            from DICOMLib import DICOMUtils
+
+            DICOMUtils.importDicom(str(Path(path).parent))
+        return _("Exported {count} nodule(s) to {path}.").format(count=len(accepted), path=path)
+
+
+def _cardValue(value):
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_cardValue(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cardValue(v) for v in value)
+    return str(value)
+
+
+class GLANCESegmentationTest(ScriptedLoadableModuleTest):
+    """End to end inside Slicer: phantom -> segment (default model) -> nodes -> DICOM-SEG."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_phantom_end_to_end()
+
+    def test_phantom_end_to_end(self):
+        import json
+
+        runner = engine().runner
+        logic = GLANCESegmentationLogic()
+        work = Path(tempfile.mkdtemp(prefix="glance-test-", dir=slicer.app.temporaryPath))
+        self.delayDisplay("Writing the phantom")
+        phantom = runner.BackgroundJob(runner.phantom_command(work / "phantom", dicom=True)).start().wait(600)
+        self.assertEqual(phantom.state.value, "succeeded", phantom.error)
+        truth = json.loads((work / "phantom" / "truth.json").read_text())
+
+        from DICOMLib import DICOMUtils
+
+        with DICOMUtils.TemporaryDICOMDatabase() as db:
+            DICOMUtils.importDicom(str(work / "phantom" / "dicom"), db)
+            nodeIDs = DICOMUtils.loadPatientByUID(db.patients()[0])
+            ct = slicer.mrmlScene.GetNodeByID(nodeIDs[0])
+            self.assertTrue(logic.dicomSourceFiles(ct))
+
+            self.delayDisplay("Segmenting with the default model")
+            model = logic.models()[0].ref
+            job = logic.startSegmentation(ct, model, "auto", 0.5, 0.5, work / "run")
+            while not job.poll().state.finished:
+                slicer.app.processEvents()  # the GUI stays responsive while the engine runs
+            self.assertEqual(job.status.state.value, "succeeded", job.status.error)
+            self.assertEqual(job.status.fraction, 1.0)
+
+            nodes = logic.loadResult(work / "run", ct)
+            markups = nodes.markups_node
+            self.assertEqual(markups.GetNumberOfControlPoints(), len(truth["nodules"]))
+            found = [markups.GetNthControlPointPosition(i) for i in range(markups.GetNumberOfControlPoints())]
+            for nodule in truth["nodules"]:
+                ras = engine().scene.lps_to_ras(nodule["centre_lps"])
+                nearest = min(sum((a - b) ** 2 for a, b in zip(p, ras)) ** 0.5 for p in found)
+                self.assertLess(nearest, max(3.0, nodule["diameter_mm"] / 2))
+
+            logic.setAccepted(nodes, engine().scene.accepted_labels(nodes)[0], False)
+            message = logic.exportDicomSeg(nodes, work / "run", str(work / "seg" / "nodules.dcm"), False)
+            self.assertTrue((work / "seg" / "nodules.dcm").is_file(), message)
+        self.delayDisplay("Test passed")

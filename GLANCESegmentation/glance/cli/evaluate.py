@@ -1,0 +1,45 @@
+"""``glance evaluate``: score a model on labelled data (segmentation per nodule, detection FROC/CPM)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model name, NAME@VERSION or folder (default: glance-small)")
+    parser.add_argument("--data", action="append", default=[], metavar="KIND:PATH",
+                        help="labelled data, repeatable (same kinds as glance train)")
+    parser.add_argument("--cases", action="append", default=[], metavar="DIR",
+                        help="reviewed cases exported from Slicer (same as --data local:DIR)")
+    parser.add_argument("--split", default="test", choices=["test", "val", "all"],
+                        help="patients to score, by the model's training split (default test)")
+    parser.add_argument("--out", default="glance-evaluation", help="report folder")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seg-threshold", type=float, default=0.5)
+    parser.add_argument("--det-threshold", type=float, default=0.3)
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CPM interval")
+    parser.add_argument("--max-cases", type=int, default=0, help="score at most this many cases per source")
+    parser.add_argument("--progress-lines", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from glance_training.evaluate import EvaluateConfig, evaluate
+
+    cfg = EvaluateConfig(args.model, args.data + [f"local:{d}" for d in args.cases], args.split, args.out,
+                         args.device, args.batch, args.seg_threshold, args.det_threshold, args.bootstrap,
+                         args.max_cases)
+    emit = (lambda line: print(line, flush=True)) if args.progress_lines else None
+    report = evaluate(cfg, emit)
+    summary = {k: report[k] for k in ("model", "n_nodules_scored") if k in report}
+    if "segmentation_per_nodule" in report:
+        summary["dice_per_nodule"] = report["segmentation_per_nodule"]["dice"]
+    if "detection" in report:
+        d = report["detection"]
+        summary["cpm"] = d["cpm"]
+        summary["cpm_ci"] = d["cpm_ci"]
+        summary["sensitivity_at_fp"] = {p["fp_per_scan"]: p["sensitivity"] for p in d["operating_points"]}
+    print(json.dumps(summary, indent=2))
+    print(f"report in {args.out}/evaluation.json")
+    return 0

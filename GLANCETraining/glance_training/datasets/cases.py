@@ -1,0 +1,366 @@
+"""The one case type every training data set yields, and the reader of local reviewed cases.
+
+A :class:`Case` is cheap: ids plus loaders. Nothing is read from disk until
+:meth:`Case.load`, so a source of 1000 LUNA scans costs a file listing, and a
+training loop holds only the few cases its sampler has cached.
+
+Local cases are what the segmentation module exports after review: one folder per
+case holding the CT (DICOM series, NRRD, NIfTI, MHD/MHA) and its nodule
+segmentation as a Slicer ``.seg.nrrd``, a DICOM-SEG, or a label-map volume
+(NRRD/NIfTI/MHA whose file name contains ``label``, ``mask`` or ``seg``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from glance.errors import InputError
+from glance.volume import Volume
+
+log = logging.getLogger(__name__)
+
+VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+LABEL_NAME_HINTS = ("label", "mask", "seg")
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One annotated finding of a case, in patient coordinates.
+
+    ``excluded`` marks findings a detector is neither rewarded nor penalised for
+    (LUNA16's annotations_excluded.csv, LNDb non-nodules and nodules < 3 mm).
+    ``label`` is the finding's value in the case's instance label map, 0 when the
+    finding has a centre and diameter but no mask.
+    """
+
+    centre_lps: tuple[float, float, float]
+    diameter_mm: float
+    excluded: bool = False
+    label: int = 0
+
+
+@dataclass
+class LoadedCase:
+    """A case read into memory: CT, instance label map on the CT grid (or None), findings."""
+
+    case_id: str
+    patient_id: str
+    source: str
+    ct: Volume
+    labels: np.ndarray | None
+    nodules: list[Annotation]
+
+
+LabelsLoader = Callable[[Volume], "np.ndarray | None"]
+NodulesLoader = Callable[[Volume, "np.ndarray | None"], "list[Annotation]"]
+
+
+@dataclass
+class Case:
+    """A lazily loaded case.
+
+    ``ct`` is a Volume or a function returning one. ``labels`` is an instance map
+    (uint16, 0 = background, n = finding n) on the CT grid, a function of the
+    loaded CT returning one, or None when the source has no masks. ``nodules`` is a
+    list, or a function of (CT, labels) for sources whose findings are only known
+    once the images are read (LIDC XML, label maps).
+    """
+
+    case_id: str
+    patient_id: str
+    source: str
+    ct: Volume | Callable[[], Volume]
+    labels: np.ndarray | LabelsLoader | None = None
+    nodules: Sequence[Annotation] | NodulesLoader = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+    def load(self) -> LoadedCase:
+        ct = self.ct() if callable(self.ct) else self.ct
+        labels = self.labels(ct) if callable(self.labels) else self.labels
+        if labels is not None and labels.shape != ct.shape:
+            raise InputError(f"{self.case_id}: label map {labels.shape} does not match the CT grid {ct.shape}")
+        nodules = self.nodules(ct, labels) if callable(self.nodules) else list(self.nodules)
+        return LoadedCase(self.case_id, self.patient_id, self.source, ct, labels, nodules)
+
+
+@runtime_checkable
+class CaseSource(Protocol):
+    """A sized, indexable, iterable collection of lazy cases."""
+
+    name: str
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Case: ...
+
+    def __iter__(self) -> Iterator[Case]: ...
+
+
+class CaseList:
+    """The concrete :class:`CaseSource`: a named list of lazy cases."""
+
+    def __init__(self, name: str, cases: Sequence[Case]):
+        self.name = name
+        self._cases = list(cases)
+
+    def __len__(self) -> int:
+        return len(self._cases)
+
+    def __getitem__(self, index: int) -> Case:
+        return self._cases[index]
+
+    def __iter__(self) -> Iterator[Case]:
+        return iter(self._cases)
+
+    def __repr__(self) -> str:
+        return f"CaseList({self.name!r}, {len(self)} cases)"
+
+    @property
+    def patient_ids(self) -> list[str]:
+        return [c.patient_id for c in self._cases]
+
+
+def volume_loader(path: Path) -> Callable[[], Volume]:
+    """A picklable loader of one CT (DataLoader workers may be spawned, not forked)."""
+    return partial(read_volume, Path(path))
+
+
+def read_volume(path: Path, series_uid: str | None = None) -> Volume:
+    """The engine's reader (validation, HU, LPS geometry), imported when first needed."""
+    from glance.io import read_volume as engine_read
+
+    return engine_read(path, series_uid=series_uid)
+
+
+def nodules_from_labels(ct: Volume, labels: np.ndarray | None) -> list[Annotation]:
+    """One finding per label value: centroid and equivalent-sphere diameter of its voxels."""
+    if labels is None:
+        return []
+    import cc3d
+
+    stats = cc3d.statistics(np.ascontiguousarray(labels))
+    counts, centroids = stats["voxel_counts"], stats["centroids"]
+    voxel_mm3 = float(np.prod(ct.spacing))
+    out = []
+    for value in range(1, len(counts)):
+        if counts[value] == 0:
+            continue
+        k, j, i = centroids[value]
+        centre = ct.ijk_to_lps(np.array([i, j, k]))
+        diameter = 2.0 * (3.0 * counts[value] * voxel_mm3 / (4.0 * np.pi)) ** (1.0 / 3.0)
+        out.append(Annotation(tuple(float(v) for v in centre), float(diameter), label=value))
+    return out
+
+
+def resample_labels(labels: Volume, ct: Volume) -> np.ndarray:
+    """A label volume on its own grid, put onto ``ct``'s grid (nearest neighbour)."""
+    same_grid = (
+        labels.shape == ct.shape
+        and np.allclose(labels.spacing, ct.spacing, atol=1e-4)
+        and np.allclose(labels.origin, ct.origin, atol=1e-3)
+        and np.allclose(labels.direction, ct.direction, atol=1e-5)
+    )
+    if same_grid:
+        return np.asarray(labels.array, dtype=np.uint16)
+    import SimpleITK as sitk
+
+    moving = sitk.GetImageFromArray(np.asarray(labels.array, dtype=np.uint16))
+    moving.SetSpacing(labels.spacing)
+    moving.SetOrigin(labels.origin)
+    moving.SetDirection(labels.direction.ravel().tolist())
+    # An empty reference image carries the CT grid without copying the CT.
+    reference = sitk.Image([int(s) for s in ct.shape[::-1]], sitk.sitkUInt8)
+    reference.SetSpacing(ct.spacing)
+    reference.SetOrigin(ct.origin)
+    reference.SetDirection(ct.direction.ravel().tolist())
+    out = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
+    return sitk.GetArrayFromImage(out)
+
+
+# --- Slicer .seg.nrrd --------------------------------------------------------------------
+
+
+def read_seg_nrrd(path: Path) -> tuple[Volume, list[str]]:
+    """A Slicer segmentation file as an instance label volume (segment n -> value n) and segment names.
+
+    Reads Slicer's layout: 3D, or 4D with the first axis a list of layers; per segment
+    the header keys ``SegmentN_Layer`` and ``SegmentN_LabelValue`` (older files: one
+    binary layer per segment). Geometry is converted from the file's space to LPS.
+    """
+    import nrrd
+
+    try:
+        data, header = nrrd.read(str(path), index_order="F")
+    except Exception as exc:  # pynrrd raises several unrelated types on bad files
+        raise InputError(f"{path}: not a readable NRRD ({exc})") from exc
+    directions = np.asarray(header.get("space directions"), dtype=object)
+    kinds = list(header.get("kinds", []))
+    layered = data.ndim == 4
+    if layered and kinds and kinds[0] not in ("list", "vector", "complex", "point", "covariant-vector"):
+        raise InputError(f"{path}: 4D segmentation whose first axis is not a list of layers")
+    if data.ndim not in (3, 4):
+        raise InputError(f"{path}: segmentation must be 3D or 4D, got {data.ndim}D")
+    rows = [r for r in directions if r is not None and not _is_none_row(r)]
+    axes = np.array(rows, dtype=np.float64)  # row n = step of index axis n in file space
+    origin = np.asarray(header.get("space origin", (0, 0, 0)), dtype=np.float64)
+    space = str(header.get("space", "left-posterior-superior")).lower()
+    if space in ("right-anterior-superior", "ras"):
+        flip = np.array([-1.0, -1.0, 1.0])
+        axes, origin = axes * flip, origin * flip
+    elif space not in ("left-posterior-superior", "lps"):
+        raise InputError(f"{path}: unsupported NRRD space '{space}'")
+    spacing = np.linalg.norm(axes, axis=1)
+    direction = (axes / spacing[:, None]).T
+
+    layers = data if layered else data[None]
+    names, labels = _segments_to_instances(path, header, layers)
+    # NRRD index order is (i, j, k); the engine indexes (k, j, i).
+    vol = Volume(np.ascontiguousarray(labels.transpose(2, 1, 0)), tuple(spacing), tuple(origin), direction)
+    return vol, names
+
+
+def _is_none_row(row) -> bool:
+    arr = np.asarray(row, dtype=np.float64)
+    return bool(np.all(np.isnan(arr)))
+
+
+def _segments_to_instances(path: Path, header: dict, layers: np.ndarray) -> tuple[list[str], np.ndarray]:
+    ids = sorted(
+        {int(key[len("Segment"):].split("_", 1)[0]) for key in header if key.startswith("Segment") and "_" in key
+         and key[len("Segment"):].split("_", 1)[0].isdigit()}
+    )
+    labels = np.zeros(layers.shape[1:], dtype=np.uint16)
+    names = []
+    if not ids:  # plain label map saved with a .seg.nrrd name
+        for value in np.unique(layers[0])[1:]:
+            labels[layers[0] == value] = len(names) + 1
+            names.append(f"Segment_{value}")
+        return names, labels
+    for n in ids:
+        # Files without layer keys (before Slicer 4.11) hold one layer per segment.
+        default_layer = n if layers.shape[0] == len(ids) else 0
+        layer = int(header.get(f"Segment{n}_Layer", default_layer))
+        value = int(header.get(f"Segment{n}_LabelValue", 1))
+        if layer >= layers.shape[0]:
+            raise InputError(f"{path}: Segment{n} refers to layer {layer} of {layers.shape[0]}")
+        names.append(str(header.get(f"Segment{n}_Name", f"Segment_{n}")))
+        labels[layers[layer] == value] = len(names)
+    return names, labels
+
+
+# --- local cases folder ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LocalFiles:
+    case_id: str
+    ct: Path  # a volume file or a DICOM folder
+    segmentation: Path
+    kind: str  # "seg.nrrd" | "dicom-seg" | "labelmap"
+
+
+def local_cases(root: str | Path, name: str = "local",
+                patient_of: Callable[[str], str] | None = None) -> CaseList:
+    """Reviewed cases in ``root``: each sub-folder one case (or ``root`` itself if it holds one).
+
+    The case and patient id is the folder name: the split is by patient, so a site
+    with several scans per patient names the folders ``<patient>`` or passes
+    ``patient_of`` (case folder name -> patient id).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder of cases")
+    folders = [root] if _find_segmentation(root) else sorted(p for p in root.iterdir() if p.is_dir())
+    cases = []
+    for folder in folders:
+        files = _case_files(folder)
+        if files is None:
+            log.warning("%s: no CT + segmentation pair found, skipped", folder)
+            continue
+        cases.append(_local_case(files, name, patient_of(files.case_id) if patient_of else files.case_id))
+    if not cases:
+        raise InputError(f"{root}: no case folder with a CT and a segmentation")
+    log.info("%s: %d local cases", root, len(cases))
+    return CaseList(name, cases)
+
+
+def _local_case(files: _LocalFiles, source: str, patient_id: str) -> Case:
+    load_labels = partial(read_segmentation, files.segmentation, files.kind)
+    return Case(files.case_id, patient_id, source, volume_loader(files.ct), load_labels, nodules_from_labels,
+                metadata={"ct": str(files.ct), "segmentation": str(files.segmentation)})
+
+
+def read_segmentation(path: Path, kind: str, ct: Volume) -> np.ndarray:
+    """Instance label map of a segmentation file on ``ct``'s grid."""
+    if kind == "seg.nrrd":
+        vol, _ = read_seg_nrrd(path)
+        return resample_labels(vol, ct)
+    if kind == "dicom-seg":
+        from glance.dicomseg import read_dicom_seg
+
+        return np.asarray(read_dicom_seg(path, ct), dtype=np.uint16)
+    from glance.io import read_label_map
+
+    return resample_labels(read_label_map(path), ct)
+
+
+def _has_suffix(path: Path, suffixes: Sequence[str]) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(s) for s in suffixes)
+
+
+def _find_segmentation(folder: Path) -> tuple[Path, str] | None:
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    for p in files:
+        if p.name.lower().endswith(".seg.nrrd"):
+            return p, "seg.nrrd"
+    for p in files:
+        if _has_suffix(p, VOLUME_SUFFIXES) and any(h in p.name.lower() for h in LABEL_NAME_HINTS):
+            return p, "labelmap"
+    for p in files:
+        if _is_dicom_seg(p):
+            return p, "dicom-seg"
+    return None
+
+
+def _is_dicom_seg(path: Path) -> bool:
+    if path.suffix.lower() not in (".dcm", "") or path.name.startswith("."):
+        return False
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
+    except Exception:  # not DICOM: any pydicom error means "no"
+        return False
+    return str(ds.get("Modality", "")) == "SEG"
+
+
+def _case_files(folder: Path) -> _LocalFiles | None:
+    found = _find_segmentation(folder)
+    if found is None:
+        return None
+    seg, kind = found
+    volumes = [
+        p for p in sorted(folder.iterdir())
+        if p.is_file() and p != seg and _has_suffix(p, VOLUME_SUFFIXES)
+        and not p.name.lower().endswith(".seg.nrrd")
+        and not any(h in p.name.lower() for h in LABEL_NAME_HINTS)
+        and not p.name.lower().endswith(".raw")
+    ]
+    if volumes:
+        if len(volumes) > 1:
+            log.warning("%s: several CT volumes, using %s", folder, volumes[0].name)
+        return _LocalFiles(folder.name, volumes[0], seg, kind)
+    dicom_dirs = [d for d in sorted(folder.iterdir()) if d.is_dir()]
+    if any(p.suffix.lower() == ".dcm" and p != seg for p in folder.iterdir() if p.is_file()):
+        return _LocalFiles(folder.name, folder, seg, kind)  # DICOM series beside its DICOM-SEG
+    if dicom_dirs:
+        return _LocalFiles(folder.name, dicom_dirs[0], seg, kind)
+    return None

@@ -1,0 +1,198 @@
+"""``glance evaluate``: how good a model is on a site's data, scoring what ``glance segment`` produces.
+
+Full scans go through the whole pipeline (``glance.pipeline.segment_volume``):
+per-nodule Dice / IoU / sensitivity / HD95 of the final nodule masks, and
+detection FROC + CPM (LUNA16 protocol, ``glance_training.froc``) from the
+post-processing's scored candidates. Crops (2D max-slice and 3D nodule crops,
+centred on a nodule, without the surroundings detection needs) score the
+network's segmentation alone: the predicted component overlapping the nodule.
+
+Only patients of the requested split are scored (default ``test``), using the
+split the model was trained with (from its card), so a reported number never
+comes from a patient the model trained on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from glance.errors import GlanceError
+
+log = logging.getLogger(__name__)
+
+CROP_KINDS = {"maxslice", "crops3d"}
+
+
+@dataclass
+class EvaluateConfig:
+    model: str | None = None
+    data: list[str] = field(default_factory=list)
+    split: str = "test"  # test | val | all (all: also patients the model may have trained on)
+    out: str = "glance-evaluation"
+    device: str = "auto"
+    batch: int = 8
+    seg_threshold: float = 0.5
+    det_threshold: float = 0.3
+    n_bootstrap: int = 1000
+    max_cases: int = 0  # 0: every case of the split
+
+
+def training_split(card):
+    """The SplitConfig the model was trained with (defaults for a model without training info)."""
+    from glance_training.datasets import SplitConfig
+
+    train_cfg = (card.training or {}).get("config") or {}
+    return SplitConfig(tuple(train_cfg.get("split", (0.8, 0.1, 0.1))), int(train_cfg.get("seed", 0)),
+                       tuple(train_cfg.get("held_out", ("LIDC-IDRI-0001", "LIDC-IDRI-0003"))))
+
+
+def _cases(spec_text: str, cfg: EvaluateConfig, split, seed: int):
+    from glance_training.data import DataSpec, load_source
+    from glance_training.datasets import split_source
+
+    spec = DataSpec.parse(spec_text)
+    source = load_source(spec, seed)
+    cases = list(source) if cfg.split == "all" else list(split_source(source, split)[cfg.split])
+    if cfg.max_cases:
+        cases = cases[: cfg.max_cases]
+    return spec, cases
+
+
+def _crop_prediction(loaded, network, options) -> np.ndarray:
+    """Network segmentation (p >= threshold) of a crop, on its grid."""
+    from glance.infer import predict
+    from glance.pipeline import canonical_volume
+    from glance.preprocess import full_crop
+
+    model, card, _ = network
+    canon, grid = canonical_volume(loaded.ct)
+    maps = predict(canon.array, tuple(grid.canonical_spacing), full_crop(canon.array.shape), model, card.prep,
+                   options.inference)
+    threshold = int(math.ceil(options.postprocess.seg_threshold * 255))
+    return np.ascontiguousarray(grid.to_original(maps.prob >= threshold))
+
+
+def _froc_inputs(loaded, analysis, options):
+    """(candidates, reference nodules, excluded findings) of one scan, all in LPS mm."""
+    from glance.pipeline import canonical_volume
+    from glance.postprocess import candidates_for_froc
+    from glance_training.froc import Candidate, Finding
+
+    canon, grid = canonical_volume(analysis.ct)
+    found = candidates_for_froc(grid.to_canonical(analysis.prob), grid.to_canonical(analysis.heatmap),
+                                tuple(grid.canonical_spacing), options.postprocess)
+    cands = [Candidate(tuple(canon.ijk_to_lps(np.asarray(c.position_index)[::-1])), c.confidence) for c in found]
+    refs = [Finding(tuple(a.centre_lps), a.diameter_mm) for a in loaded.nodules if not a.excluded]
+    excluded = [Finding(tuple(a.centre_lps), a.diameter_mm) for a in loaded.nodules if a.excluded]
+    return cands, refs, excluded
+
+
+@dataclass
+class _Collected:
+    rows: list[dict] = field(default_factory=list)
+    per_case: dict = field(default_factory=dict)
+    candidates: dict = field(default_factory=dict)
+    references: dict = field(default_factory=dict)
+    excluded: dict = field(default_factory=dict)
+    scans: list = field(default_factory=list)
+
+
+def _score(collected: _Collected, case_id: str, source: str, pred, gt, spacing_kji) -> None:
+    from glance_training.metrics import score_nodules
+
+    if gt is None:
+        return
+    scores = score_nodules(pred, gt, spacing_kji)
+    collected.per_case[case_id] = [s.scores for s in scores]
+    for s in scores:
+        collected.rows.append({"case": case_id, "source": source, "gt_label": s.gt_label,
+                               "pred_label": s.pred_label, **asdict(s.scores)})
+
+
+def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
+    from glance.infer import InferenceOptions
+    from glance.pipeline import SegmentOptions, load_network, segment_volume
+    from glance.postprocess import PostprocessConfig
+
+    if cfg.split not in ("test", "val", "all"):
+        raise GlanceError(f"--split must be test, val or all, got {cfg.split!r}")
+    if not cfg.data:
+        raise GlanceError("no evaluation data: give --data KIND:PATH")
+    options = SegmentOptions(model=cfg.model, inference=InferenceOptions(cfg.device, cfg.batch),
+                             postprocess=PostprocessConfig(cfg.seg_threshold, cfg.det_threshold))
+    network = load_network(options)
+    card = network[1]
+    split = training_split(card)
+    seed = int(((card.training or {}).get("config") or {}).get("seed", 0)) + 7919  # unseen phantoms
+    got = _Collected()
+    for spec_text in cfg.data:
+        spec, cases = _cases(spec_text, cfg, split, seed)
+        log.info("%s: %d %s cases", spec_text, len(cases), cfg.split)
+        for n, case in enumerate(cases, start=1):
+            loaded = case.load()
+            spacing_kji = tuple(reversed(loaded.ct.spacing))
+            if spec.kind in CROP_KINDS:
+                _score(got, loaded.case_id, spec.kind, _crop_prediction(loaded, network, options),
+                       loaded.labels, spacing_kji)
+            else:
+                analysis = segment_volume(loaded.ct, network, options)
+                _score(got, loaded.case_id, spec.kind, analysis.labels, loaded.labels, spacing_kji)
+                cands, refs, excl = _froc_inputs(loaded, analysis, options)
+                got.scans.append(loaded.case_id)
+                got.candidates[loaded.case_id], got.references[loaded.case_id] = cands, refs
+                got.excluded[loaded.case_id] = excl
+            if progress:
+                progress(f"PROGRESS {n}/{len(cases)} {spec.kind}")
+    return _report(cfg, card, split, got)
+
+
+def _report(cfg: EvaluateConfig, card, split, got: _Collected) -> dict:
+    from glance_training.froc import evaluate_froc, plot_froc
+    from glance_training.metrics import summarize, summarize_cases
+
+    report = {
+        "model": {"name": card.name, "version": card.version},
+        "split": {"evaluated": cfg.split, "fractions": split.fractions, "seed": split.seed,
+                  "held_out": split.held_out},
+        "data": cfg.data,
+        "thresholds": {"segmentation": cfg.seg_threshold, "detection": cfg.det_threshold},
+        "conventions": {
+            "hd95": "symmetric 95th percentile of surface distances (boundary voxels, voxel centres, mm)",
+            "empty_masks": "both empty: Dice 1, HD95 0; one empty: Dice 0, HD95 inf (left out of means, counted)",
+            "froc": "LUNA16: hit = candidate strictly within the nodule radius, one TP per nodule, "
+                    "excluded findings ignored, at most 100 candidates per scan",
+        },
+        "n_nodules_scored": len(got.rows),
+    }
+    if got.rows:
+        report["segmentation_per_nodule"] = summarize(s for v in got.per_case.values() for s in v).to_dict()
+        report["segmentation_per_case"] = summarize_cases(got.per_case).to_dict()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if got.scans:
+        froc = evaluate_froc(got.candidates, got.references, got.excluded, scans=got.scans,
+                             n_bootstrap=cfg.n_bootstrap)
+        report["detection"] = froc.to_dict()
+        plot_froc(froc, out / "froc.png", title=f"{card.name}@{card.version}")
+    _write(out, report, got.rows)
+    return report
+
+
+def _write(out: Path, report: dict, rows: list[dict]) -> None:
+    from glance.io import atomic_write_text
+    from glance.report import write_report_json
+
+    write_report_json(out / "evaluation.json", report)
+    if rows:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(out / "nodules.csv", buf.getvalue())

@@ -1,0 +1,132 @@
+"""Training: a short real run, exact resume, model registration, distributed training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from glance.errors import GlanceError, ModelError
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CROPS = DATA / "lidc-maxslice-crops"
+pytestmark = pytest.mark.skipif(not CROPS.is_dir(), reason="shared/data/lidc-maxslice-crops is not present")
+
+
+@pytest.fixture
+def cfg():
+    from glance_training.train import TrainConfig
+
+    return TrainConfig(name="test-site", data=[f"maxslice:{CROPS}"], epochs=2, steps_per_epoch=2, batch=2,
+                       crop_patch_size=32, val_samples=4)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_registry(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLANCE_HOME", str(tmp_path / "glance-home"))
+    torch.set_num_threads(2)
+
+
+def test_resume_continues_exactly(cfg, tmp_path):
+    from glance_training.train import Trainer
+
+    straight = Trainer(cfg, tmp_path / "a")
+    straight.fit()
+    interrupted = Trainer(cfg, tmp_path / "b")
+    interrupted.fit(stop_after=1)
+    resumed = Trainer(cfg, tmp_path / "b")
+    resumed.load_checkpoint()
+    assert resumed.epoch == 1
+    resumed.fit()
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    assert [r.loss for r in resumed.history] == [r.loss for r in straight.history]
+    lines = (tmp_path / "b" / "history.csv").read_text().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("epoch,step,lr,loss")
+    assert (tmp_path / "b" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_refuses_another_config(cfg, tmp_path):
+    from glance_training.train import Trainer
+
+    Trainer(cfg, tmp_path / "run").fit(stop_after=1)
+    other = Trainer(replace(cfg, lr=1e-3), tmp_path / "run")
+    with pytest.raises(GlanceError, match="different training config"):
+        other.load_checkpoint()
+
+
+def test_the_split_keeps_reserved_and_validation_patients_out_of_training(cfg, tmp_path):
+    from glance_training.datasets import assign_split
+    from glance_training.train import Trainer
+
+    trainer = Trainer(cfg, tmp_path / "run")
+    train_patients = {c.patient_id for g in trainer.groups["train"] for s in g.sources for c in s}
+    val_patients = {c.patient_id for g in trainer.groups["val"] for s in g.sources for c in s}
+    assert train_patients and val_patients and not train_patients & val_patients
+    assert "LIDC-IDRI-0001" not in train_patients and "LIDC-IDRI-0003" not in train_patients
+    assert all(assign_split(p) == "train" for p in train_patients)
+
+
+def test_registered_versions_never_overwrite(cfg, tmp_path):
+    from glance.model.weights import load_model
+    from glance.registry import list_models, resolve_model
+    from glance_training.train import Trainer, register
+
+    trainer = Trainer(replace(cfg, epochs=1), tmp_path / "run")
+    trainer.fit()
+    first = register(trainer)
+    second = register(trainer)
+    assert first != second
+    assert [e.version for e in list_models() if e.name == "test-site"] == ["1.0.0", "2.0.0"]
+    assert resolve_model("test-site") == second and resolve_model("test-site@1.0.0") == first
+    model, card = load_model(first)
+    assert card.dtype == "float16" and card.training["steps"] == 2
+    assert set(card.training["data"]) == {"train", "val", "test"}
+    assert "not for clinical use" in card.intended_use.lower()
+    with pytest.raises(ModelError, match="no model 'nope'"):
+        resolve_model("nope")
+
+
+def test_cli_train_registers_a_model(tmp_path, capsys):
+    from glance.cli import main
+
+    rc = main(["train", "--data", f"maxslice:{CROPS}", "--epochs", "1", "--steps-per-epoch", "1", "--batch", "2",
+               "--name", "cli-site", "--run-dir", str(tmp_path / "run"), "--progress-lines"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "PROGRESS 1/1" in out and "METRIC epoch=1" in out
+    assert (tmp_path / "glance-home" / "models" / "cli-site-1.0.0" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train"], "no training data"),
+    (["train", "--data", "bogus:x"], "unknown kind 'bogus'"),
+    (["train", "--data", "maxslice:/nonexistent"], "no such file or folder"),
+    (["train", "--data", f"maxslice:{CROPS}", "--epochs", "0"], "--epochs must be at least 1"),
+    (["train", "--data", f"maxslice:{CROPS}", "--resume"], "--resume needs --run-dir"),
+])
+def test_cli_train_bad_arguments_are_one_line(argv, message, capsys):
+    from glance.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_distributed_training_on_two_cpu_processes(tmp_path):
+    """torchrun with two processes on the gloo backend trains and registers one model."""
+    env = {**os.environ, "GLANCE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "glance.cli", "train", "--data", f"maxslice:{CROPS}", "--epochs", "1", "--steps-per-epoch",
+           "2", "--batch", "4", "--name", "ddp-site", "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    card = json.loads((tmp_path / "home" / "models" / "ddp-site-1.0.0" / "card.json").read_text())
+    assert card["training"]["steps"] == 2
+    assert proc.stdout.count("trained ddp-site") == 1  # only rank 0 registers
