@@ -1,0 +1,138 @@
+"""``glance segment`` and ``glance refilter`` end to end through the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from glance.cli import main
+from glance.volume import Volume
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """A real (randomly initialised) network: exercises every stage without asserting accuracy."""
+    from glance.model import build_model, config_for
+    from glance.model.weights import ModelCard, save_model
+
+    folder = tmp_path_factory.mktemp("model")
+    return save_model(build_model(config_for("small")), folder, ModelCard(name="untrained", version="0", config={}))
+
+
+@pytest.fixture(scope="module")
+def example_ct(tmp_path_factory):
+    from glance.io import write_image
+    from glance.phantom import make_example_phantom
+
+    phantom = make_example_phantom(seed=0)
+    path = tmp_path_factory.mktemp("ct") / "example.nrrd"
+    write_image(phantom.ct, path)
+    return phantom, path
+
+
+def _run(argv, capsys):
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_segment_writes_a_complete_result(untrained, example_ct, tmp_path, capsys):
+    _, path = example_ct
+    rc, out, err = _run(["segment", str(path), "--out", str(tmp_path / "r"), "--model", str(untrained),
+                         "--progress-lines", "--det-threshold", "0.9"], capsys)
+    assert rc == 0, err
+    assert "PROGRESS" in out.splitlines()[0] and out.splitlines()[0].startswith("PROGRESS ")
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["model"]["name"] == "untrained" and report["thresholds"]["detection"] == 0.9
+    assert report["input"]["path"] == str(path) and report["input"]["shape_kji"] == [64, 256, 256]
+    assert set(report["seconds"]) >= {"preprocess", "model", "postprocess", "scene", "export", "load_model"}
+    for name in ("nodules.csv", "nodules.seg.nrrd", "nodules.mrk.json", "maps/nodule_probability.nrrd",
+                 "maps/centre_heatmap.nrrd"):
+        assert (tmp_path / "r" / name).is_file(), name
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def _flipped_permuted(ct: Volume) -> Volume:
+    """The same physical image stored with swapped rows/columns and reversed slices."""
+    array = np.ascontiguousarray(ct.array.transpose(0, 2, 1)[::-1])  # (k, j, i) -> (k', i, j), k reversed
+    m = ct.index_to_lps
+    # New index (i', j', k') = (j, i, K-1-k): columns of the new matrix are old j, old i, -old k.
+    k_last = ct.shape[0] - 1
+    new = np.column_stack([m[:3, 1], m[:3, 0], -m[:3, 2]])
+    origin = m[:3, 3] + k_last * m[:3, 2]
+    spacing = (ct.spacing[1], ct.spacing[0], ct.spacing[2])
+    return Volume(array, spacing, origin, new / np.asarray(spacing))
+
+
+def test_results_do_not_depend_on_how_the_volume_is_stored(untrained, example_ct, tmp_path, capsys):
+    """Two storage orders of one physical image: identical nodules at identical LPS positions."""
+    from glance.io import write_image
+
+    phantom, path = example_ct
+    other = tmp_path / "other.nrrd"
+    write_image(_flipped_permuted(phantom.ct), other)
+    reports = []
+    for src, out in ((path, "a"), (other, "b")):
+        rc, _, err = _run(["segment", str(src), "--out", str(tmp_path / out), "--model", str(untrained),
+                           "--det-threshold", "0.2", "--seg-threshold", "0.3", "--no-snapshots"], capsys)
+        assert rc == 0, err
+        reports.append(json.loads((tmp_path / out / "report.json").read_text()))
+    a, b = ([n["centre_lps"] for n in r["nodules"]] for r in reports)
+    assert len(a) == len(b)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert [n["volume_mm3"] for n in reports[0]["nodules"]] == [n["volume_mm3"] for n in reports[1]["nodules"]]
+
+
+def test_refilter_changes_thresholds_without_the_network(untrained, example_ct, tmp_path, capsys):
+    _, path = example_ct
+    out = tmp_path / "r"
+    assert _run(["segment", str(path), "--out", str(out), "--model", str(untrained), "--det-threshold", "0.05",
+                 "--seg-threshold", "0.3", "--no-snapshots"], capsys)[0] == 0
+    first = json.loads((out / "report.json").read_text())
+    rc, text, err = _run(["refilter", str(out), "--det-threshold", "0.999"], capsys)
+    assert rc == 0, err
+    strict = json.loads((out / "report.json").read_text())
+    assert strict["thresholds"] == {"segmentation": 0.3, "detection": 0.999} and strict["refiltered"]
+    assert strict["n_nodules"] <= first["n_nodules"]
+    assert _run(["refilter", str(out), "--det-threshold", "0.05"], capsys)[0] == 0
+    again = json.loads((out / "report.json").read_text())
+    assert [n["centre_lps"] for n in again["nodules"]] == [n["centre_lps"] for n in first["nodules"]]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["segment", "/nonexistent/ct.nrrd", "--out", "{tmp}/o"], "/nonexistent/ct.nrrd: no such file or folder"),
+    (["segment", "--out", "{tmp}/o"], "give an INPUT image or folder, or --example"),
+    (["segment", "{ct}", "--out", "{tmp}/o", "--seg-threshold", "1.5"], "--seg-threshold must be between 0 and 1"),
+    (["segment", "{ct}", "--out", "{tmp}/o", "--model", "no-such-model"], "no model 'no-such-model'"),
+    (["segment", "{ct}", "--out", "{tmp}/o", "--device", "cuda:0"], None),
+    (["refilter", "{tmp}"], "not a GLANCE result folder"),
+])
+def test_bad_requests_are_one_line(argv, message, example_ct, untrained, tmp_path, capsys):
+    import torch
+
+    if "cuda:0" in argv and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    argv = [a.format(tmp=tmp_path, ct=example_ct[1]) for a in argv]
+    if "--model" not in argv and argv[0] == "segment":
+        argv += ["--model", str(untrained)]
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"glance {argv[0]}: error: ")
+    if message:
+        assert message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_needs_force(untrained, example_ct, tmp_path, capsys):
+    _, path = example_ct
+    args = ["segment", str(path), "--out", str(tmp_path / "r"), "--model", str(untrained), "--no-snapshots",
+            "--det-threshold", "0.9"]
+    assert _run(args, capsys)[0] == 0
+    rc, _, err = _run(args, capsys)
+    assert rc == 2 and "--force" in err
+    assert _run(args + ["--force"], capsys)[0] == 0
