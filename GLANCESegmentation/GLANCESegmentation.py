@@ -111,6 +111,10 @@ class GLANCESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.resultsTable.setColumnCount(len(TABLE_COLUMNS))
         self.ui.resultsTable.setHorizontalHeaderLabels([header for header, _key, _fmt in TABLE_COLUMNS])
         self.ui.progressBar.setValue(0)
+        # The engine's defaults, so that a first run here equals "glance segment" with no options.
+        runner = engine().runner
+        self.ui.segmentationThresholdSlider.value = runner.DEFAULT_SEG_THRESHOLD
+        self.ui.detectionThresholdSlider.value = runner.DEFAULT_DET_THRESHOLD
         self.populateDevices()
         self.updateButtons()
 
@@ -187,9 +191,9 @@ class GLANCESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 self.ui.inputVolumeSelector.currentNode(),
                 self.ui.modelSelector.currentData,
                 self.ui.deviceSelector.currentData,
-                self.ui.detectionThresholdSlider.value,
-                self.ui.segmentationThresholdSlider.value,
                 self._outDir,
+                segThreshold=self.ui.segmentationThresholdSlider.value,
+                detThreshold=self.ui.detectionThresholdSlider.value,
             )
             self.startPolling("segment", _("Segmenting..."))
 
@@ -202,7 +206,9 @@ class GLANCESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self._refilterTimer.start()
             return
         self._job = self.logic.startRefilter(
-            self._outDir, self.ui.detectionThresholdSlider.value, self.ui.segmentationThresholdSlider.value
+            self._outDir,
+            segThreshold=self.ui.segmentationThresholdSlider.value,
+            detThreshold=self.ui.detectionThresholdSlider.value,
         )
         self.startPolling("refilter", _("Re-filtering..."))
 
@@ -300,7 +306,7 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
     """Collects inputs, starts the engine and brings results into the scene.
 
     Every step is an engine function (glance.runner, glance.scene, glance.registry,
-    glance.dicomseg); this class only adds what needs the Slicer application.
+    glance.export); this class only adds what needs the Slicer application.
     """
 
     # The result on screen, for GLANCE Training's "Add current reviewed result".
@@ -371,18 +377,31 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
     def newOutputFolder():
         return Path(tempfile.mkdtemp(prefix="glance-", dir=slicer.app.temporaryPath))
 
-    def startSegmentation(self, volumeNode, model, device, detThreshold, segThreshold, outDir):
+    @staticmethod
+    def resultFolder(outDir):
+        """Where the engine writes its result inside a run folder (the CT it read sits beside it)."""
+        return Path(outDir) / "result"
+
+    def startSegmentation(self, volumeNode, model, device, outDir, segThreshold=None, detThreshold=None):
+        """``glance segment`` on the CT as Slicer holds it; thresholds default to the engine's."""
         runner = engine().runner
         # The engine reads the CT exactly as Slicer holds it (LPS NRRD), whatever it was loaded from.
         inputPath = Path(outDir) / "input.nrrd"
         if not slicer.util.saveNode(volumeNode, str(inputPath)):
             raise RuntimeError(_("Could not write the CT to {path}").format(path=inputPath))
-        command = runner.segment_command(inputPath, Path(outDir) / "result", model, device, segThreshold, detThreshold)
+        command = runner.segment_command(
+            inputPath, self.resultFolder(outDir), model, device,
+            seg_threshold=runner.DEFAULT_SEG_THRESHOLD if segThreshold is None else segThreshold,
+            det_threshold=runner.DEFAULT_DET_THRESHOLD if detThreshold is None else detThreshold,
+        )  # fmt: skip
         return runner.BackgroundJob(command).start()
 
-    def startRefilter(self, outDir, detThreshold, segThreshold):
+    def startRefilter(self, outDir, segThreshold, detThreshold):
+        """``glance refilter``: new thresholds on the saved maps, no network."""
         runner = engine().runner
-        return runner.BackgroundJob(runner.refilter_command(Path(outDir) / "result", detThreshold, segThreshold)).start()
+        command = runner.refilter_command(self.resultFolder(outDir), seg_threshold=segThreshold,
+                                          det_threshold=detThreshold)
+        return runner.BackgroundJob(command).start()
 
     # -- results ----------------------------------------------------------------------
 
@@ -390,7 +409,7 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
         """The engine's nodes for a finished run, placed under the CT's study."""
         glance = engine()
         scene = scene or slicer.mrmlScene
-        nodes = glance.scene.load_result(Path(outDir) / "result", scene=scene, reference_volume_node=volumeNode)
+        nodes = glance.scene.load_result(self.resultFolder(outDir), scene=scene, reference_volume_node=volumeNode)
         shNode = scene.GetSubjectHierarchyNode()
         study = shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode))
         for node in (nodes.segmentation_node, nodes.markups_node, nodes.table_node):
@@ -402,10 +421,10 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
         GLANCESegmentationLogic.currentResult = nodes
         return nodes
 
-    @staticmethod
-    def resultRows(outDir):
+    @classmethod
+    def resultRows(cls, outDir):
         glance = engine()
-        return glance.report.read_csv(Path(outDir) / "result" / glance.scene.CSV_FILE)
+        return glance.report.read_csv(cls.resultFolder(outDir) / glance.scene.CSV_FILE)
 
     @staticmethod
     def removeResult(nodes):
@@ -442,7 +461,10 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
         return [f for f in files if f]
 
     def exportDicomSeg(self, nodes, outDir, outPath, addToDatabase):
-        """Write the accepted nodules as DICOM-SEG; returns the message for the user."""
+        """Write the accepted nodules as DICOM-SEG (glance.export); returns the message for the user.
+
+        The review (accepted flags) is saved into the result's nodules.csv as well.
+        """
         glance = engine()
         if nodes is None:
             return _("Nothing to export: run Segment nodules first.")
@@ -457,12 +479,15 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
             )
         if not outPath:
             outPath = str(Path(outDir) / "export" / "nodules-seg.dcm")
-        import glance.dicomseg
+        import glance.export
 
-        path = glance.dicomseg.export_result_dicom_seg(Path(outDir) / "result", sources, Path(outPath), accepted)
+        path = glance.export.export_dicom_seg(self.resultFolder(outDir), sources, Path(outPath), accepted)
+        if path is None:
+            return _("Nothing to export: the accepted nodules have no voxels.")
         if addToDatabase:
             from DICOMLib import DICOMUtils
 
+            # Indexes the file's folder: the default export folder holds only this SEG.
             DICOMUtils.importDicom(str(Path(path).parent))
         return _("Exported {count} nodule(s) to {path}.").format(count=len(accepted), path=path)
 
@@ -476,7 +501,12 @@ def _cardValue(value):
 
 
 class GLANCESegmentationTest(ScriptedLoadableModuleTest):
-    """End to end inside Slicer: phantom -> segment (default model) -> nodes -> DICOM-SEG."""
+    """End to end inside Slicer, with the engine's real commands:
+    ``glance phantom`` (DICOM) -> DICOM database -> ``glance segment`` (default model and
+    thresholds) -> nodes in the scene -> review -> DICOM-SEG, read back voxel for voxel."""
+
+    # A small phantom: the module test must run in minutes on a CPU.
+    PHANTOM = {"seed": 0, "nodules": 3, "shape": (256, 256, 64), "spacing": (1.25, 1.25, 2.5)}
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -488,40 +518,65 @@ class GLANCESegmentationTest(ScriptedLoadableModuleTest):
     def test_phantom_end_to_end(self):
         import json
 
-        runner = engine().runner
+        import numpy as np
+
+        glance = engine()
+        runner = glance.runner
         logic = GLANCESegmentationLogic()
         work = Path(tempfile.mkdtemp(prefix="glance-test-", dir=slicer.app.temporaryPath))
-        self.delayDisplay("Writing the phantom")
-        phantom = runner.BackgroundJob(runner.phantom_command(work / "phantom", dicom=True)).start().wait(600)
+        self.delayDisplay("Writing the phantom (glance phantom --format dicom)")
+        phantomDir = work / "phantom"
+        phantom = runner.BackgroundJob(runner.phantom_command(phantomDir, "dicom", **self.PHANTOM)).start().wait(600)
         self.assertEqual(phantom.state.value, "succeeded", phantom.error)
-        truth = json.loads((work / "phantom" / "truth.json").read_text())
+        truth = json.loads((phantomDir / "nodules.json").read_text())
+        self.assertEqual(len(truth["nodules"]), self.PHANTOM["nodules"])
 
         from DICOMLib import DICOMUtils
 
         with DICOMUtils.TemporaryDICOMDatabase() as db:
-            DICOMUtils.importDicom(str(work / "phantom" / "dicom"), db)
+            DICOMUtils.importDicom(str(phantomDir / "ct"), db)
             nodeIDs = DICOMUtils.loadPatientByUID(db.patients()[0])
             ct = slicer.mrmlScene.GetNodeByID(nodeIDs[0])
-            self.assertTrue(logic.dicomSourceFiles(ct))
+            sources = logic.dicomSourceFiles(ct)
+            self.assertEqual(len(sources), self.PHANTOM["shape"][2])
 
-            self.delayDisplay("Segmenting with the default model")
-            model = logic.models()[0].ref
-            job = logic.startSegmentation(ct, model, "auto", 0.5, 0.5, work / "run")
+            self.delayDisplay("Segmenting with the default model (glance segment)")
+            models = logic.models()
+            self.assertTrue(models, "no model registered")
+            model = ([m for m in models if m.name == glance.registry.DEFAULT_MODEL] or models)[-1]
+            run = work / "run"
+            run.mkdir()
+            job = logic.startSegmentation(ct, model.ref, "auto", run)
             while not job.poll().state.finished:
                 slicer.app.processEvents()  # the GUI stays responsive while the engine runs
             self.assertEqual(job.status.state.value, "succeeded", job.status.error)
             self.assertEqual(job.status.fraction, 1.0)
 
-            nodes = logic.loadResult(work / "run", ct)
+            nodes = logic.loadResult(run, ct)
             markups = nodes.markups_node
-            self.assertEqual(markups.GetNumberOfControlPoints(), len(truth["nodules"]))
             found = [markups.GetNthControlPointPosition(i) for i in range(markups.GetNumberOfControlPoints())]
-            for nodule in truth["nodules"]:
-                ras = engine().scene.lps_to_ras(nodule["centre_lps"])
-                nearest = min(sum((a - b) ** 2 for a, b in zip(p, ras)) ** 0.5 for p in found)
+            for nodule in truth["nodules"]:  # every ground-truth nodule is found at its centre
+                ras = glance.scene.lps_to_ras(nodule["centre_lps"])
+                nearest = min((sum((a - b) ** 2 for a, b in zip(p, ras)) ** 0.5 for p in found), default=1e9)
                 self.assertLess(nearest, max(3.0, nodule["diameter_mm"] / 2))
 
-            logic.setAccepted(nodes, engine().scene.accepted_labels(nodes)[0], False)
-            message = logic.exportDicomSeg(nodes, work / "run", str(work / "seg" / "nodules.dcm"), False)
-            self.assertTrue((work / "seg" / "nodules.dcm").is_file(), message)
+            self.delayDisplay("Rejecting one nodule and exporting DICOM-SEG")
+            labels = glance.scene.accepted_labels(nodes)
+            logic.setAccepted(nodes, labels[0], False)
+            accepted = labels[1:]
+            out = work / "seg" / "nodules.dcm"
+            message = logic.exportDicomSeg(nodes, run, str(out), False)
+            self.assertTrue(out.is_file(), message)
+
+            import glance.dicomseg
+            import glance.export
+
+            grid, _files = glance.export.read_source_ct(sources)
+            resultLabels = glance.export.labels_on_grid(logic.resultFolder(run) / glance.scene.SEGMENTATION_FILE, grid)
+            expected = np.zeros_like(resultLabels)
+            for number, label in enumerate(accepted, start=1):
+                expected[resultLabels == label] = number
+            self.assertTrue(np.array_equal(glance.dicomseg.read_dicom_seg(out, grid), expected))
+            rows = logic.resultRows(run)  # the review is kept in the result
+            self.assertEqual([r["accepted"] for r in rows], [int(r["label"] in accepted) for r in rows])
         self.delayDisplay("Test passed")

@@ -66,6 +66,7 @@ class GLANCETrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._job = None
         self._jobKind = None
+        self._jobFolder = None  # training run folder, or evaluation report folder
         self._plotShown = False
 
     def setup(self):
@@ -175,9 +176,10 @@ class GLANCETrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         cases = [self.ui.casesList.item(i).text() for i in range(self.ui.casesList.count)]
         name = self.ui.newModelNameLineEdit.text or self.ui.newModelNameLineEdit.placeholderText
         with slicer.util.tryWithErrorDisplay(_("Could not start training."), waitCursor=True):
+            self._jobFolder = self.logic.newRunFolder(name)
             self._job = self.logic.startTraining(
                 cases, self.ui.baseModelSelector.currentText, self.ui.epochsSpinBox.value,
-                self.ui.deviceSelector.currentData, name,
+                self.ui.deviceSelector.currentData, name, self._jobFolder,
             )  # fmt: skip
             self._plotShown = False
             self.startPolling("train", _("Training {name}...").format(name=name))
@@ -189,9 +191,10 @@ class GLANCETrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.logic.ensureDependencies():
             return
         with slicer.util.tryWithErrorDisplay(_("Could not start the evaluation."), waitCursor=True):
+            self._jobFolder = self.logic.newEvaluationFolder()
             self._job = self.logic.startEvaluation(
                 self.ui.heldOutPathLineEdit.currentPath, self.ui.evaluationModelSelector.currentText,
-                self.ui.deviceSelector.currentData,
+                self.ui.deviceSelector.currentData, self._jobFolder,
             )  # fmt: skip
             self.ui.evaluationReportBrowser.setPlainText("")
             self.startPolling("evaluate", _("Evaluating..."))
@@ -232,10 +235,11 @@ class GLANCETrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("GLANCE {kind} failed:\n{error}").format(kind=kind, error=status.error))
         elif status.state.value == "succeeded" and kind == "train":
             self.populateModels()  # the new version is registered now
-            self.showStatus(_("Training finished; the new model is available in GLANCE Segmentation."))
+            self.showStatus(_("Training finished; the new model is available in GLANCE Segmentation. "
+                              "Loss curves: {path}").format(path=Path(self._jobFolder) / "curves.png"))
         elif status.state.value == "succeeded":
             self.ui.evaluationReportBrowser.setPlainText("\n".join(job.stdout_tail))
-            self.showStatus(_("Evaluation finished."))
+            self.showStatus(_("Evaluation finished; report and FROC curve in {folder}.").format(folder=self._jobFolder))
 
 
 class GLANCETrainingLogic(ScriptedLoadableModuleLogic):
@@ -282,13 +286,28 @@ class GLANCETrainingLogic(ScriptedLoadableModuleLogic):
             scene.RemoveNode(labelmap)
         return folder
 
-    def startTraining(self, cases, baseModel, epochs, device, name):
-        runner = engine().runner
-        return runner.BackgroundJob(runner.train_command(cases, baseModel, epochs, device, name)).start()
+    @staticmethod
+    def newRunFolder(name):
+        """Where ``glance train`` keeps checkpoints, history.csv and curves.png for this run."""
+        return engine().runner.new_run_dir(name)
 
-    def startEvaluation(self, cases, model, device):
+    @staticmethod
+    def newEvaluationFolder():
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix="glance-evaluation-", dir=slicer.app.temporaryPath))
+
+    def startTraining(self, cases, baseModel, epochs, device, name, runFolder):
+        """``glance train --cases ... --base-model ... --run-dir runFolder``; registers ``name`` when done."""
         runner = engine().runner
-        return runner.BackgroundJob(runner.evaluate_command(cases, model, device)).start()
+        command = runner.train_command(cases, baseModel, epochs, device, name, run_dir=runFolder)
+        return runner.BackgroundJob(command).start()
+
+    def startEvaluation(self, cases, model, device, outFolder):
+        """``glance evaluate`` on every case of a held-out folder; the report goes to ``outFolder``."""
+        runner = engine().runner
+        command = runner.evaluate_command(model, outFolder, cases=[cases], split="all", device=device)
+        return runner.BackgroundJob(command).start()
 
     @staticmethod
     def updateMetricsPlot(metrics, scene=None):

@@ -68,20 +68,83 @@ def test_segment_command_has_the_exact_engine_arguments():
 
 
 def test_refilter_command():
-    cmd = runner.refilter_command(Path("/tmp/out"), det_threshold=0.25, seg_threshold=0.6, python="py")
+    cmd = runner.refilter_command(Path("/tmp/out"), seg_threshold=0.6, det_threshold=0.25, python="py")
     assert cmd == ["py", "-m", "glance.cli", "refilter", "/tmp/out",
-                   "--det-threshold", "0.25", "--seg-threshold", "0.6"]  # fmt: skip
+                   "--seg-threshold", "0.6", "--det-threshold", "0.25"]  # fmt: skip
 
 
 def test_training_evaluation_and_phantom_commands():
-    assert runner.train_command(["/c/a", Path("/c/b")], "glance-small", 12.0, "cuda", "site-v1", python="py") == [
-        "py", "-m", "glance.cli", "train", "--cases", "/c/a", "/c/b", "--base-model", "glance-small",
-        "--epochs", "12", "--device", "cuda", "--name", "site-v1", "--progress-lines",
+    assert runner.train_command(["/c/a", Path("/c/b")], "glance-small", 12.0, "cuda", "site-v1",
+                                run_dir="/runs/r1", python="py") == [
+        "py", "-m", "glance.cli", "train", "--cases", "/c/a", "--cases", "/c/b", "--base-model", "glance-small",
+        "--epochs", "12", "--device", "cuda", "--name", "site-v1", "--progress-lines", "--run-dir", "/runs/r1",
     ]  # fmt: skip
-    assert runner.evaluate_command("/held", "site-v1", "cpu", python="py") == [
-        "py", "-m", "glance.cli", "evaluate", "--cases", "/held", "--model", "site-v1", "--device", "cpu",
+    assert runner.evaluate_command("site-v1@1.0.0", "/rep", cases=["/held"], device="cpu", python="py") == [
+        "py", "-m", "glance.cli", "evaluate", "--model", "site-v1@1.0.0", "--cases", "/held", "--split", "all",
+        "--out", "/rep", "--device", "cpu", "--progress-lines",
     ]  # fmt: skip
-    assert runner.phantom_command("/p", dicom=True, python="py") == ["py", "-m", "glance.cli", "phantom", "/p", "--dicom"]
+    assert runner.phantom_command("/p", python="py") == ["py", "-m", "glance.cli", "phantom", "--out", "/p",
+                                                         "--format", "dicom"]  # fmt: skip
+    assert runner.phantom_command("/p", "nrrd", seed=3, nodules=2, shape=(64, 48, 20), spacing=(1.25, 1.25, 2.5),
+                                  python="py")[4:] == [
+        "--out", "/p", "--format", "nrrd", "--seed", "3", "--nodules", "2", "--shape", "64x48x20",
+        "--spacing", "1.25x1.25x2.5",
+    ]  # fmt: skip
+
+
+def _parsed(command: list[str]):
+    """The engine's own argparse result for a built command line (the part after ``python -m glance.cli``)."""
+    from glance.cli import build_parser
+
+    assert command[1:3] == ["-m", "glance.cli"]
+    return build_parser(command[3]).parse_args(command[3:])
+
+
+def test_every_built_command_is_accepted_by_the_engine_parser():
+    seg = _parsed(runner.segment_command("/d/ct.nrrd", "/o", "m@1", "cuda:1", 0.45, 0.2, python="py"))
+    assert (seg.command, seg.input, seg.out, seg.model, seg.device) == ("segment", "/d/ct.nrrd", "/o", "m@1", "cuda:1")
+    assert (seg.seg_threshold, seg.det_threshold, seg.progress_lines, seg.force) == (0.45, 0.2, True, True)
+
+    ref = _parsed(runner.refilter_command("/o", 0.45, 0.2, python="py"))
+    assert (ref.result, ref.seg_threshold, ref.det_threshold) == ("/o", 0.45, 0.2)
+
+    train = _parsed(runner.train_command(["/c/a", "/c/b"], "glance-small@1.0.0", 3, "cpu", "site", run_dir="/r",
+                                         data=["phantom:4"], config="/cfg.json", python="py"))
+    assert (train.config, train.data, train.cases) == ("/cfg.json", ["phantom:4"], ["/c/a", "/c/b"])
+    assert (train.base_model, train.epochs, train.device, train.name) == ("glance-small@1.0.0", 3, "cpu", "site")
+    assert (train.run_dir, train.progress_lines, train.resume, train.out) == ("/r", True, False, None)
+    bare = _parsed(runner.train_command(["/c/a"], "b", 1, "auto", "n", python="py"))
+    assert bare.config is None and bare.run_dir is None and bare.cases == ["/c/a"]
+
+    ev = _parsed(runner.evaluate_command("m@2", "/rep", cases=["/h1", "/h2"], data=["lidc:/l"], split="test",
+                                         device="cpu", python="py"))
+    assert (ev.model, ev.cases, ev.data, ev.split, ev.out, ev.device, ev.progress_lines) == (
+        "m@2", ["/h1", "/h2"], ["lidc:/l"], "test", "/rep", "cpu", True)
+
+    ph = _parsed(runner.phantom_command("/p", seed=5, nodules=1, shape=(64, 64, 16), spacing=(1.5, 1.5, 2.5),
+                                        python="py"))
+    assert (ph.out, ph.format, ph.seed, ph.nodules) == (Path("/p"), "dicom", 5, 1)
+    assert (ph.shape, ph.spacing) == ((64, 64, 16), (1.5, 1.5, 2.5))
+
+
+def test_default_thresholds_are_the_engines():
+    from glance.cli.segment import postprocess_config
+    from glance.postprocess import PostprocessConfig
+
+    engine = PostprocessConfig()
+    assert (runner.DEFAULT_SEG_THRESHOLD, runner.DEFAULT_DET_THRESHOLD) == (engine.seg_threshold, engine.det_threshold)
+    # A GUI run with untouched sliders is the same as "glance segment" without threshold options.
+    gui = postprocess_config(_parsed(runner.segment_command("ct.nrrd", "o", "m", python="py")))
+    cli = postprocess_config(_parsed(["py", "-m", "glance.cli", "segment", "ct.nrrd", "--out", "o"]))
+    assert gui == cli == engine
+
+
+def test_new_run_dir_is_beside_the_site_models(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("GLANCE_HOME", str(tmp_path))
+    now = time.mktime((2025, 3, 4, 5, 6, 7, 0, 0, -1))
+    assert runner.new_run_dir("site-v1", now) == tmp_path / "runs" / "site-v1-20250304-050607"
 
 
 def test_python_executable_prefers_the_slicer_launcher(tmp_path, monkeypatch):
@@ -94,17 +157,21 @@ def test_python_executable_prefers_the_slicer_launcher(tmp_path, monkeypatch):
 
 
 def test_child_environment_makes_the_engine_importable_and_unbuffered():
+    training_root = runner.ENGINE_ROOT.parent / "GLANCETraining"  # the source tree's layout
     env = runner.child_environment({"PYTHONPATH": "/a" + os.pathsep + "/b"})
-    assert env["PYTHONPATH"].split(os.pathsep) == [str(runner.ENGINE_ROOT), "/a", "/b"]
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(runner.ENGINE_ROOT), str(training_root), "/a", "/b"]
     assert env["PYTHONUNBUFFERED"] == "1"
     assert (runner.ENGINE_ROOT / "glance" / "runner.py").is_file()
-    # From a folder outside the repository the child finds this very engine.
+    # From a folder outside the repository, with no inherited PYTHONPATH, the child finds this very
+    # engine and the training package ("glance train" from the Training module).
     out = subprocess.run(
-        [PY, "-c", "import glance.runner as r; print(r.__file__)"],
+        [PY, "-S", "-c", "import glance.runner as r, glance_training as t; print(r.__file__); print(t.__file__)"],
         env=runner.child_environment({"PATH": os.environ.get("PATH", "")}),
         cwd="/", capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert Path(out.stdout.strip()).resolve() == Path(runner.__file__).resolve()
+    engine_file, training_file = out.stdout.split()
+    assert Path(engine_file).resolve() == Path(runner.__file__).resolve()
+    assert Path(training_file).resolve().parent == training_root / "glance_training"
 
 
 # -- protocol parsing -----------------------------------------------------
@@ -307,3 +374,25 @@ def test_the_background_command_line_runs_the_engine_cli():
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stderr.strip()
     assert out.stdout.strip().startswith("glance ")
+
+
+def test_phantom_command_runs_and_writes_what_the_module_self_test_reads(tmp_path):
+    # GLANCESegmentationTest reads OUT/ct/ (DICOM), OUT/nodules.json nodules[].centre_lps / diameter_mm.
+    import json
+
+    from glance.io import read_volume
+
+    # Seed 3 on this small grid has room for both nodules (seed 1 places only one).
+    cmd = runner.phantom_command(tmp_path / "p", "dicom", seed=3, nodules=2, shape=(96, 96, 32),
+                                 spacing=(2.0, 2.0, 3.0), python=PY)
+    status = BackgroundJob(cmd).start().wait(timeout=120)
+    assert status.state is JobState.SUCCEEDED, status.error
+    ct = read_volume(tmp_path / "p" / "ct")
+    assert ct.shape == (32, 96, 96) and ct.spacing == (2.0, 2.0, 3.0)
+    nodules = json.loads((tmp_path / "p" / "nodules.json").read_text())["nodules"]
+    assert len(nodules) == 2
+    for n in nodules:
+        assert len(n["centre_lps"]) == 3 and n["diameter_mm"] > 0
+        i, j, k = ct.lps_to_ijk(n["centre_lps"])
+        assert 0 <= i < 96 and 0 <= j < 96 and 0 <= k < 32
+    assert (tmp_path / "p" / "labels.nrrd").is_file()

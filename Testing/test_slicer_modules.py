@@ -417,17 +417,99 @@ def test_export_explains_when_there_is_nothing_to_export(modules, tmp_path):
     assert not out.exists()
 
 
-def test_segmentation_logic_builds_the_background_commands(modules, tmp_path, monkeypatch):
-    logic = modules.GLANCESegmentation.GLANCESegmentationLogic()
-    started = []
+def _engine_args(command):
+    """The engine's own argparse result for a command the module started."""
+    from glance.cli import build_parser
+
+    assert command[1:3] == ["-m", "glance.cli"]
+    return build_parser(command[3]).parse_args(command[3:])
+
+
+def _capture_starts(monkeypatch):
     from glance import runner
 
+    started = []
     monkeypatch.setattr(runner.BackgroundJob, "start", lambda self: started.append(self.command) or self)
-    logic.startRefilter(tmp_path, 0.4, 0.65)
-    assert started[-1][-6:] == ["refilter", str(tmp_path / "result"), "--det-threshold", "0.4", "--seg-threshold", "0.65"]
-    choices = logic.deviceChoices()
+    return started
+
+
+def test_segmentation_logic_starts_the_engine_with_its_real_arguments(modules, tmp_path, monkeypatch):
+    slicer = modules.slicer
+    from glance import runner
+    from glance.io import read_volume
+
+    ct, _ = _result_folder(tmp_path / "made")
+    scene, volume, _ = _scene_with_ct_in_a_study(slicer, ct)
+
+    def save_node(node, filename):  # slicer.util.saveNode needs the application; same storage node headless
+        storage = node.CreateDefaultStorageNode()
+        storage.SetFileName(filename)
+        return bool(storage.WriteData(node))
+
+    monkeypatch.setattr(slicer.util, "saveNode", save_node)
+    started = _capture_starts(monkeypatch)
+    logic = modules.GLANCESegmentation.GLANCESegmentationLogic()
+
+    logic.startSegmentation(volume, "glance-small@1.0.0", "cpu", tmp_path / "run")
+    args = _engine_args(started[-1])
+    assert (args.command, args.out, args.model, args.device) == ("segment", str(tmp_path / "run" / "result"),
+                                                                "glance-small@1.0.0", "cpu")
+    # Untouched sliders mean the engine's defaults.
+    assert (args.seg_threshold, args.det_threshold) == (runner.DEFAULT_SEG_THRESHOLD, runner.DEFAULT_DET_THRESHOLD)
+    assert args.progress_lines and args.force
+    written = read_volume(args.input)  # the CT the engine will read is the one in the scene, in LPS
+    np.testing.assert_array_equal(written.array, ct.array)
+    np.testing.assert_allclose(written.origin, ct.origin, atol=1e-4)
+
+    logic.startSegmentation(volume, "m", "auto", tmp_path / "run", segThreshold=0.65, detThreshold=0.4)
+    assert (_engine_args(started[-1]).seg_threshold, _engine_args(started[-1]).det_threshold) == (0.65, 0.4)
+    logic.startRefilter(tmp_path / "run", segThreshold=0.65, detThreshold=0.4)
+    args = _engine_args(started[-1])
+    assert (args.command, args.result, args.seg_threshold, args.det_threshold) == (
+        "refilter", str(tmp_path / "run" / "result"), 0.65, 0.4)
+
+
+def test_device_choices(modules):
+    choices = modules.GLANCESegmentation.GLANCESegmentationLogic().deviceChoices()
     assert choices[:2] == [("Automatic", "auto"), ("CPU", "cpu")]
     assert all(value.startswith("cuda") for _title, value in choices[2:])
+
+
+# The export test's DICOM phantom and engine-made result folder (module-scoped fixture).
+from test_export import MODEL, reviewed  # noqa: E402,F401
+
+
+def test_export_writes_the_accepted_nodules_of_a_dicom_ct(modules, reviewed, tmp_path, monkeypatch):
+    import pydicom
+
+    from glance import scene as S
+    from glance.dicomseg import read_dicom_seg
+    from glance.export import read_source_ct
+
+    slicer = modules.slicer
+    files, result, labels, found, _ = reviewed
+    ct, _ = read_source_ct(files)
+    scene, volume, _ = _scene_with_ct_in_a_study(slicer, ct)
+    # What Slicer's DICOM plugin leaves on a volume it loaded, and its database's file lookup.
+    uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): str(f) for f in files}
+    volume.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
+    monkeypatch.setattr(slicer, "dicomDatabase", types.SimpleNamespace(fileForInstance=uids.get), raising=False)
+    logic = modules.GLANCESegmentation.GLANCESegmentationLogic()
+    run = result.parent  # the run folder: the engine's result is run/result
+    nodes = logic.loadResult(run, volume, scene=scene)
+    assert sorted(logic.dicomSourceFiles(volume)) == sorted(str(f) for f in files)
+
+    logic.setAccepted(nodes, found[0], False)
+    out = tmp_path / "seg.dcm"
+    message = logic.exportDicomSeg(nodes, run, str(out), False)
+
+    assert message == f"Exported 2 nodule(s) to {out}."
+    expected = np.zeros_like(labels)
+    for number, label in enumerate(found[1:], start=1):
+        expected[labels == label] = number
+    np.testing.assert_array_equal(read_dicom_seg(out, ct), expected)
+    assert [r["accepted"] for r in logic.resultRows(run)] == [0, 1, 1]
+    assert S.accepted_labels(logic.loadResult(run, volume, scene=scene)) == found[1:]  # review survives a reload
 
 
 def test_training_logic_saves_the_reviewed_result_as_a_case(modules, tmp_path):
@@ -482,10 +564,22 @@ def test_training_logic_plots_loss_and_dice_per_epoch(modules):
     assert all(s.GetXColumnName() == "epoch" for s in series)
 
 
-def test_training_logic_builds_the_training_command(modules, tmp_path, monkeypatch):
-    from glance import runner
+def test_training_logic_starts_train_and_evaluate_with_their_real_arguments(modules, tmp_path, monkeypatch):
+    monkeypatch.setenv("GLANCE_HOME", str(tmp_path / "home"))
+    started = _capture_starts(monkeypatch)
+    logic = modules.GLANCETraining.GLANCETrainingLogic()
 
-    started = []
-    monkeypatch.setattr(runner.BackgroundJob, "start", lambda self: started.append(self.command) or self)
-    modules.GLANCETraining.GLANCETrainingLogic().startTraining([str(tmp_path)], "glance-small", 3, "cpu", "site-v1")
-    assert started[-1][2:] == runner.train_command([str(tmp_path)], "glance-small", 3, "cpu", "site-v1")[2:]
+    run = logic.newRunFolder("site-v1")
+    assert run.parent == tmp_path / "home" / "runs" and run.name.startswith("site-v1-")
+    logic.startTraining([str(tmp_path / "a"), str(tmp_path / "b")], "glance-small@1.0.0", 3, "cpu", "site-v1", run)
+    args = _engine_args(started[-1])
+    assert (args.command, args.cases, args.base_model, args.epochs) == (
+        "train", [str(tmp_path / "a"), str(tmp_path / "b")], "glance-small@1.0.0", 3)
+    assert (args.device, args.name, args.run_dir, args.progress_lines, args.config) == (
+        "cpu", "site-v1", str(run), True, None)
+
+    logic.startEvaluation(str(tmp_path / "held"), "site-v1@1.0.0", "cpu", tmp_path / "report")
+    args = _engine_args(started[-1])
+    assert (args.command, args.model, args.cases, args.data) == ("evaluate", "site-v1@1.0.0", [str(tmp_path / "held")], [])
+    # A held-out folder is scored whole, and the report lands where the module shows it.
+    assert (args.split, args.out, args.device, args.progress_lines) == ("all", str(tmp_path / "report"), "cpu", True)

@@ -206,6 +206,7 @@ def base_report(ct: Volume, card, folder: Path, options: SegmentOptions, device:
                        "detection": options.postprocess.det_threshold},
         "postprocess": asdict(options.postprocess),
         "device": device,
+        "snapshots": options.snapshots,
         "input": {
             "path": meta.get("source"), "format": meta.get("format"),
             "series_uid": meta.get("series_uid"), "study_uid": meta.get("study_uid"),

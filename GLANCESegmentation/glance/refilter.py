@@ -65,5 +65,5 @@ def refilter(folder: Path, report: dict, cfg: PostprocessConfig) -> Analysis:
             if (folder / keep).is_file():
                 shutil.copy2(folder / keep, tmp / keep)
         algorithm = algorithm_info(model.get("name", "unknown"), model.get("version", "unknown"), cfg)
-        write_result(tmp, analysis, algorithm, report, snapshots=(folder / "snapshots").is_dir() or True)
+        write_result(tmp, analysis, algorithm, report, snapshots=bool(report.get("snapshots", True)))
     return analysis

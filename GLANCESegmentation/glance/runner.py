@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 # The folder that holds the ``glance`` package; the child must find the same
 # engine as the GUI even when it is not pip-installed (inside a Slicer extension).
 ENGINE_ROOT = Path(__file__).resolve().parent.parent
+# Where ``glance_training`` lives: beside ``glance`` in an installed extension
+# (one qt-scripted-modules folder), in the sibling module folder in a source tree.
+TRAINING_ROOTS = (ENGINE_ROOT, ENGINE_ROOT.parent / "GLANCETraining")
 
 _PROGRESS = re.compile(r"^PROGRESS\s+(\d+)\s*/\s*(\d+)\b\s*(.*)$")
 _STAGE = re.compile(r"^STAGE\s+(.+?)\s*$")
@@ -72,13 +75,19 @@ def _glance(python: str | None, *args: str) -> list[str]:
     return [python or python_executable(), "-m", "glance.cli", *args]
 
 
+# The engine's default thresholds (glance.postprocess.PostprocessConfig), kept here
+# so the GUI can show them without importing scipy; a test keeps the two equal.
+DEFAULT_SEG_THRESHOLD = 0.5
+DEFAULT_DET_THRESHOLD = 0.3
+
+
 def segment_command(
     input_path: str | os.PathLike,
     out_dir: str | os.PathLike,
     model: str,
     device: str = "auto",
-    seg_threshold: float = 0.5,
-    det_threshold: float = 0.5,
+    seg_threshold: float = DEFAULT_SEG_THRESHOLD,
+    det_threshold: float = DEFAULT_DET_THRESHOLD,
     python: str | None = None,
 ) -> list[str]:
     """``glance segment`` with machine-readable progress; overwrites ``out_dir``."""
@@ -96,16 +105,21 @@ def segment_command(
 
 def refilter_command(
     out_dir: str | os.PathLike,
-    det_threshold: float,
-    seg_threshold: float,
+    seg_threshold: float = DEFAULT_SEG_THRESHOLD,
+    det_threshold: float = DEFAULT_DET_THRESHOLD,
     python: str | None = None,
 ) -> list[str]:
     """``glance refilter``: re-threshold a finished result from its saved maps."""
     return _glance(
         python, "refilter", str(out_dir),
-        "--det-threshold", _number(det_threshold),
         "--seg-threshold", _number(seg_threshold),
+        "--det-threshold", _number(det_threshold),
     )  # fmt: skip
+
+
+def _repeated(flag: str, values: Sequence[str | os.PathLike]) -> list[str]:
+    # The engine's list options are argparse "append": one flag per value.
+    return [item for value in values for item in (flag, str(value))]
 
 
 def train_command(
@@ -114,30 +128,88 @@ def train_command(
     epochs: int,
     device: str,
     name: str,
+    run_dir: str | os.PathLike | None = None,
+    data: Sequence[str] = (),
+    config: str | os.PathLike | None = None,
     python: str | None = None,
 ) -> list[str]:
-    """``glance train``: fine-tune ``base_model`` on case folders, register it as ``name``."""
+    """``glance train``: fine-tune ``base_model`` on case folders, register it as ``name``.
+
+    The run folder (checkpoints, ``history.csv``, ``curves.png``) is ``run_dir``,
+    or a new folder the engine picks. ``data`` adds ``KIND:PATH`` sources.
+    """
     return _glance(
         python, "train",
-        "--cases", *(str(c) for c in cases),
+        *([str(config)] if config else []),
+        *_repeated("--data", data),
+        *_repeated("--cases", cases),
         "--base-model", base_model,
         "--epochs", str(int(epochs)),
         "--device", device,
         "--name", name,
         "--progress-lines",
+        *(["--run-dir", str(run_dir)] if run_dir else []),
     )  # fmt: skip
 
 
 def evaluate_command(
-    cases: str | os.PathLike, model: str, device: str, python: str | None = None
+    model: str,
+    out_dir: str | os.PathLike,
+    cases: Sequence[str | os.PathLike] = (),
+    data: Sequence[str] = (),
+    split: str = "all",
+    device: str = "auto",
+    python: str | None = None,
 ) -> list[str]:
-    """``glance evaluate``: score ``model`` on labelled cases; the report goes to stdout."""
-    return _glance(python, "evaluate", "--cases", str(cases), "--model", model, "--device", device)
+    """``glance evaluate``: score ``model``; ``out_dir`` receives evaluation.json and froc.png.
+
+    ``split="all"`` scores every case: right for a folder held out from training.
+    ``test``/``val`` score only the patients the model's training split set aside.
+    """
+    return _glance(
+        python, "evaluate",
+        "--model", model,
+        *_repeated("--data", data),
+        *_repeated("--cases", cases),
+        "--split", split,
+        "--out", str(out_dir),
+        "--device", device,
+        "--progress-lines",
+    )  # fmt: skip
 
 
-def phantom_command(out_dir: str | os.PathLike, dicom: bool = False, python: str | None = None) -> list[str]:
-    """``glance phantom``: a synthetic chest CT with known nodules (module self-test)."""
-    return _glance(python, "phantom", str(out_dir), *(["--dicom"] if dicom else []))
+def phantom_command(
+    out_dir: str | os.PathLike,
+    fmt: str = "dicom",
+    seed: int | None = None,
+    nodules: int | None = None,
+    shape: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
+    python: str | None = None,
+) -> list[str]:
+    """``glance phantom``: a synthetic chest CT with known nodules (module self-test).
+
+    Writes ``out_dir/ct/`` (DICOM series; ``ct.nrrd`` for ``fmt="nrrd"``),
+    ``labels.nrrd`` and ``nodules.json``. ``shape`` is columns x rows x slices,
+    ``spacing`` mm in the same order.
+    """
+    return _glance(
+        python, "phantom",
+        "--out", str(out_dir),
+        "--format", fmt,
+        *(["--seed", str(int(seed))] if seed is not None else []),
+        *(["--nodules", str(int(nodules))] if nodules is not None else []),
+        *(["--shape", "x".join(str(int(v)) for v in shape)] if shape else []),
+        *(["--spacing", "x".join(_number(v) for v in spacing)] if spacing else []),
+    )  # fmt: skip
+
+
+def new_run_dir(name: str, now: float | None = None) -> Path:
+    """A new training run folder beside the site's models (what ``glance train`` picks without --run-dir)."""
+    from glance.registry import user_models_dir
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    return user_models_dir().parent / "runs" / f"{name}-{stamp}"
 
 
 def _number(value: float) -> str:
@@ -152,7 +224,8 @@ def child_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     # progress bar jumps from 0 to 100 %.
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"
-    paths = [str(ENGINE_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    training = [str(r) for r in TRAINING_ROOTS if r != ENGINE_ROOT and (r / "glance_training").is_dir()]
+    paths = [str(ENGINE_ROOT), *training] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env
 

@@ -53,6 +53,10 @@ class TrainConfig:
     t0_epochs: int = 20
     val_samples: int = 96
     cache_cases: int = 64  # loaded cases kept in memory per loader
+    samples_per_case: int = 1  # consecutive samples from one case (raise when cases are costly to load)
+    # Dice over the whole batch (eq. 10 summed over samples): nodule-free patches then do not
+    # each pull every pixel to zero, which otherwise stalls learning on 2 % foreground.
+    batch_dice: bool = True
     seed: int = 0
     device: str = "auto"
     workers: int = 0
@@ -132,7 +136,7 @@ class Trainer:
         from glance.model import build_model, config_for
         from glance_training.data import build_groups
         from glance_training.datasets import SliceSamplingConfig, SplitConfig
-        from glance_training.losses import GlanceLoss
+        from glance_training.losses import GlanceLoss, LossConfig
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -145,10 +149,10 @@ class Trainer:
         # Every case stays cached once loaded: generated phantoms are the costly ones to rebuild.
         self.sampling = SliceSamplingConfig(pixel_spacing_mm=cfg.pixel_spacing_mm,
                                             context_slices=cfg.context_slices, positive_prob=cfg.positive_prob,
-                                            samples_per_case=cfg.batch, cache_cases=cfg.cache_cases)
+                                            samples_per_case=cfg.samples_per_case, cache_cases=cfg.cache_cases)
         self.model, self.base_card = self._initial_model(build_model, config_for)
         self.model.to(self.device)
-        self.loss_fn = GlanceLoss()
+        self.loss_fn = GlanceLoss(LossConfig(batch_dice=cfg.batch_dice))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(self.optimizer, T_0=cfg.t0_epochs)
         self.history: list[EpochRecord] = []
@@ -182,6 +186,9 @@ class Trainer:
             steps = -(-self.cfg.steps_per_epoch // len(self.groups["train"]))
             self._sets = [g.dataset(self.sampling, steps * self.cfg.batch, self.cfg.seed, augment=True)
                           for g in self.groups["train"]]
+            if self.cfg.workers:
+                for ds in self._sets:
+                    ds.preload()
         return self._sets
 
     def _loaders(self, epoch: int) -> list:
@@ -247,6 +254,9 @@ class Trainer:
         if self._val_sets is None:
             self._val_sets = [g.dataset(self.sampling, self.cfg.val_samples, self.cfg.seed + 1, augment=False)
                               for g in self.groups["val"]]
+            if self.cfg.workers:
+                for ds in self._val_sets:
+                    ds.preload()
         self.model.eval()
         dices, losses = [], []
         for ds in self._val_sets:

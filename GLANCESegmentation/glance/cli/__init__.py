@@ -44,6 +44,27 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped: DICOM header strings and file names are
+    attacker-controlled and must not add lines or terminal escape sequences."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+class _TerminalFilter(logging.Filter):
+    """What reaches the terminal: GLANCE's own records (all records with --verbose), one line each.
+    Libraries' log records and warnings (pydicom, torch) would otherwise surround the one error line."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.verbose and not record.name.startswith("glance"):
+            return False
+        record.msg, record.args = one_line(record.getMessage()), None
+        return True
+
+
 def _chosen_command(argv: list[str]) -> str | None:
     return next((a for a in argv if a in COMMANDS), None)
 
@@ -53,18 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     command = _chosen_command(argv)
     parser = build_parser(command)
     args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_TerminalFilter(args.verbose))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
     )
+    logging.captureWarnings(True)  # library warnings become log records, shown with --verbose
     if args.command is None:
         parser.print_help()
         return 2
     try:
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
     except GlanceError as exc:
-        print(f"glance {args.command}: error: {exc}", file=sys.stderr)
+        print(f"glance {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"glance {args.command}: interrupted", file=sys.stderr)

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import MediaStorageDirectoryStorage
+from pydicom.multival import MultiValue
+from pydicom.uid import UID, MediaStorageDirectoryStorage
 
 from glance.errors import InputError
 from glance.io.validate import (
@@ -85,13 +86,16 @@ def list_series(folder: str | Path, recursive: bool = True) -> list[SeriesInfo]:
 
 
 def _new_series(uid: str, ds: Dataset) -> SeriesInfo:
-    number = ds.get("SeriesNumber")
+    try:
+        number = int(header_number(Path(), ds, "SeriesNumber"))
+    except InputError:  # informational only: a bad SeriesNumber does not rule out the series
+        number = None
     return SeriesInfo(
         uid=uid,
         modality=str(ds.get("Modality", "")).upper(),
         n_files=0,
         description=str(ds.get("SeriesDescription", "")),
-        series_number=int(number) if number not in (None, "") else None,
+        series_number=number,
         study_uid=str(ds.get("StudyInstanceUID", "")),
     )
 
@@ -136,16 +140,27 @@ def _has_dicom_preamble(path: Path) -> bool:
 
 def _read_header(path: Path) -> Dataset | None:
     """The discovery tags of ``path``; None (with a warning) if unreadable or not an image."""
+    ds, problem = _parse_header(path)
+    if problem:
+        log.warning("%s: skipped, %s", path, problem)
+    return ds
+
+
+def _parse_header(path: Path) -> tuple[Dataset | None, str | None]:
+    """(header, None) for an image; (None, why not) otherwise; (None, None) for a DICOMDIR index."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    except Exception as err:  # any parse failure only skips this one file
-        log.warning("%s: skipped, not a readable DICOM file (%s)", path, err)
-        return None
+    except Exception as err:  # any parse failure only rules out this one file
+        return None, f"not a readable DICOM file ({_reason(err)})"
     if "SeriesInstanceUID" in ds:
-        return ds
-    if ds.file_meta.get("MediaStorageSOPClassUID") != MediaStorageDirectoryStorage:  # DICOMDIR is expected
-        log.warning("%s: skipped, no SeriesInstanceUID (truncated file or not an image)", path)
-    return None
+        try:
+            str(ds.SeriesInstanceUID), str(ds.get("Modality", "")), str(ds.get("SeriesDescription", ""))
+        except Exception as err:  # raw values are decoded on first access
+            return None, f"unreadable identifying tags ({_reason(err)})"
+        return ds, None
+    if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:  # DICOMDIR is expected
+        return None, None
+    return None, "no SeriesInstanceUID (truncated file or not an image)"
 
 
 def select_series(series: list[SeriesInfo], source: str | Path, series_uid: str | None = None) -> SeriesInfo:
@@ -187,9 +202,12 @@ def read_dicom_series(
 def read_dicom_file(path: str | Path, max_voxels: int | None = None) -> Volume:
     """Read the series that the DICOM file ``path`` belongs to, from its folder."""
     path = Path(path)
-    ds = _read_header(path)
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise InputError(f"{path}: not a regular file")
+    ds, problem = _parse_header(path)  # the reason goes into the one error line, not a warning before it
     if ds is None:
-        raise InputError(f"{path}: neither a readable DICOM image nor a .nrrd/.nhdr/.nii/.nii.gz/.mhd/.mha file")
+        raise InputError(f"{path}: neither a readable DICOM image nor a .nrrd/.nhdr/.nii/.nii.gz/.mhd/.mha file "
+                         f"({problem or 'a DICOMDIR index'})")
     return read_dicom_series(path.parent, str(ds.SeriesInstanceUID), max_voxels, recursive=False)
 
 
@@ -197,14 +215,14 @@ def _read_series(info: SeriesInfo, source: Path, max_voxels: int | None) -> Volu
     check_modality(source, info.modality)
     instances = _unique_instances(info)
     for path, ds in instances:
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        if header_number(path, ds, "NumberOfFrames", default=1) > 1:
             raise InputError(f"{path}: multi-frame (enhanced) DICOM is not supported; export single-frame CT")
     row, col = _orientation(source, instances)
     positions = np.array([_position(path, ds) for path, ds in instances])
     plan = plan_slices(source, positions, row, col)
-    rows, cols = _same_value(source, instances, "Rows"), _same_value(source, instances, "Columns")
+    rows, cols = (int(_same_value(source, instances, key)[0]) for key in ("Rows", "Columns"))
     check_voxel_budget(source, (cols, rows, plan.n_slices), max_voxels)
-    pixel = [float(v) for v in _same_value(source, instances, "PixelSpacing")]
+    pixel = _same_value(source, instances, "PixelSpacing", count=2)
     spacing = (pixel[1], pixel[0], plan.spacing)  # PixelSpacing is (row step, column step)
     check_spacing(source, spacing)
     array = np.empty((plan.n_slices, rows, cols), dtype=np.int16)
@@ -221,7 +239,7 @@ def _unique_instances(info: SeriesInfo) -> list[tuple[Path, Dataset]]:
     seen: dict[str, Path] = {}
     unique = []
     for path, ds in zip(info.files, info.headers):
-        uid = str(ds.get("SOPInstanceUID", "")) or str(path)
+        uid = _text(ds, "SOPInstanceUID") or str(path)
         if uid in seen:
             log.warning("%s: same instance as %s; ignored", path, seen[uid])
             continue
@@ -232,13 +250,7 @@ def _unique_instances(info: SeriesInfo) -> list[tuple[Path, Dataset]]:
 
 def _orientation(source: Path, instances: list[tuple[Path, Dataset]]) -> tuple[np.ndarray, np.ndarray]:
     """Row and column direction cosines shared by all slices."""
-    iops = []
-    for path, ds in instances:
-        iop = ds.get("ImageOrientationPatient")
-        if iop is None or len(iop) != 6:
-            raise InputError(f"{path}: missing or malformed ImageOrientationPatient")
-        iops.append([float(v) for v in iop])
-    iops = np.array(iops)
+    iops = np.array([header_number(path, ds, "ImageOrientationPatient", count=6) for path, ds in instances])
     if np.abs(iops - iops[0]).max() > ORIENTATION_TOL:
         raise InputError(f"{source}: slices have different orientations (mixed orientations); select one series")
     row, col = iops[0, :3], iops[0, 3:]
@@ -247,22 +259,50 @@ def _orientation(source: Path, instances: list[tuple[Path, Dataset]]) -> tuple[n
 
 
 def _position(path: Path, ds: Dataset) -> list[float]:
-    ipp = ds.get("ImagePositionPatient")
-    if ipp is None or len(ipp) != 3:
-        raise InputError(f"{path}: missing or malformed ImagePositionPatient")
-    return [float(v) for v in ipp]
+    return header_number(path, ds, "ImagePositionPatient", count=3)
 
 
-def _same_value(source: Path, instances: list[tuple[Path, Dataset]], keyword: str):
-    """A numeric tag that every slice must carry with the same value (compared as numbers)."""
-    values = []
-    for path, ds in instances:
-        if ds.get(keyword) is None:
-            raise InputError(f"{path}: {keyword} missing")
-        values.append(np.atleast_1d(np.asarray(ds.get(keyword), dtype=np.float64)))
-    if any(v.shape != values[0].shape or np.abs(v - values[0]).max() > 1e-4 for v in values):
+def _same_value(source: Path, instances: list[tuple[Path, Dataset]], keyword: str, count: int = 1) -> list[float]:
+    """A numeric tag that every slice must carry with the same ``count`` positive values."""
+    values = np.array([header_number(path, ds, keyword, count=count) for path, ds in instances]).reshape(-1, count)
+    if np.abs(values - values[0]).max() > 1e-4:
         raise InputError(f"{source}: {keyword} differs between slices")
-    return instances[0][1].get(keyword)
+    if values.min() <= 0:
+        raise InputError(f"{instances[0][0]}: {keyword} {values[0].tolist()} must be positive")
+    return values[0].tolist()
+
+
+def header_number(path: Path, ds: Dataset, keyword: str, default: float | None = None, count: int = 1):
+    """``count`` finite numbers from a header tag (a float when ``count`` is 1), else one-line InputError.
+
+    Header values are attacker-controlled: raw bytes are decoded here, on first
+    access, and may be anything (text in a number, several values, NaN, none).
+    """
+    try:
+        value = ds.get(keyword)
+    except Exception as err:  # pydicom decodes raw values lazily
+        raise InputError(f"{path}: {keyword} cannot be decoded ({_reason(err)})") from err
+    values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    if value is None or values == [] or values == [""]:
+        if default is not None and count == 1:
+            return default
+        raise InputError(f"{path}: {keyword} missing")
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) != count or not np.all(np.isfinite(numbers)):
+        shown = str(value)[:60]
+        raise InputError(f"{path}: {keyword} is {shown!r}; {count} finite number{'s' if count > 1 else ''} expected")
+    return numbers[0] if count == 1 else numbers
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """A header string, or '' when absent or undecodable."""
+    try:
+        return str(ds.get(keyword, "") or "")
+    except Exception:  # pydicom decodes raw values lazily
+        return ""
 
 
 def _load_slice(path: Path, rows: int, cols: int) -> np.ndarray:
@@ -270,21 +310,26 @@ def _load_slice(path: Path, rows: int, cols: int) -> np.ndarray:
     try:
         ds = pydicom.dcmread(path)
     except Exception as err:
-        raise InputError(f"{path}: cannot read DICOM file ({err})") from err
+        raise InputError(f"{path}: cannot read DICOM file ({_reason(err)})") from err
     _check_pixel_format(path, ds, rows, cols)
     stored = _decode(path, ds)
+    if stored.shape != (rows, cols):
+        raise InputError(f"{path}: decoded pixel data has shape {stored.shape}, not {rows} x {cols}")
     return _stored_to_hu(path, ds, stored)
 
 
 def _check_pixel_format(path: Path, ds: Dataset, rows: int, cols: int) -> None:
-    if "PixelData" not in ds:
+    if not ds.get("PixelData"):
         raise InputError(f"{path}: no pixel data")
-    if int(ds.get("SamplesPerPixel", 1)) != 1 or ds.get("PhotometricInterpretation") != "MONOCHROME2":
+    samples = header_number(path, ds, "SamplesPerPixel", default=1)
+    if samples != 1 or _text(ds, "PhotometricInterpretation") != "MONOCHROME2":
         raise InputError(f"{path}: not a grayscale (MONOCHROME2) CT image")
-    bits = int(ds.get("BitsAllocated", 0))
+    bits = int(header_number(path, ds, "BitsAllocated"))
     if bits not in (8, 16, 32):
         raise InputError(f"{path}: unsupported BitsAllocated {bits}")
-    if not ds.file_meta.TransferSyntaxUID.is_compressed:
+    if header_number(path, ds, "PixelRepresentation", default=0) not in (0, 1):
+        raise InputError(f"{path}: PixelRepresentation must be 0 or 1")
+    if not _transfer_syntax(path, ds).is_compressed:
         expected = rows * cols * bits // 8
         if len(ds.PixelData) < expected:
             raise InputError(
@@ -295,7 +340,7 @@ def _check_pixel_format(path: Path, ds: Dataset, rows: int, cols: int) -> None:
 
 def _decode(path: Path, ds: Dataset) -> np.ndarray:
     """Stored pixel values, decoding compressed transfer syntaxes with pydicom's plugins."""
-    syntax = ds.file_meta.TransferSyntaxUID
+    syntax = _transfer_syntax(path, ds)
     if syntax.is_compressed:
         from pydicom.pixels import get_decoder
 
@@ -308,17 +353,34 @@ def _decode(path: Path, ds: Dataset) -> np.ndarray:
     try:
         return ds.pixel_array
     except Exception as err:
-        raise InputError(f"{path}: pixel data cannot be decoded ({syntax.name}): {err}") from err
+        raise InputError(f"{path}: pixel data cannot be decoded ({syntax.name}): {_reason(err)}") from err
+
+
+def _transfer_syntax(path: Path, ds: Dataset) -> UID:
+    """The file's transfer syntax, if it is one pydicom knows (a private or unknown one is refused)."""
+    syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+    if not syntax.is_transfer_syntax:
+        raise InputError(f"{path}: unknown transfer syntax {str(syntax)[:64]!r}")
+    return syntax
+
+
+def _reason(err: Exception) -> str:
+    """The first line of a library's exception message (some span several lines)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _stored_to_hu(path: Path, ds: Dataset, stored: np.ndarray) -> np.ndarray:
-    if "RescaleSlope" not in ds and "RescaleIntercept" not in ds:
-        if stored.min() >= 0:
-            log.warning("%s: no RescaleSlope/Intercept and only non-negative values; read as HU", path)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if "RescaleSlope" not in ds and "RescaleIntercept" not in ds and stored.min() >= 0:
+        # Debug only: check_hu_plausible refuses such a series with this hint in its one
+        # error line, and a warning per slice before it would bury that line.
+        log.debug("%s: no RescaleSlope/Intercept and only non-negative values; read as HU", path)
+    slope = header_number(path, ds, "RescaleSlope", default=1.0)
+    intercept = header_number(path, ds, "RescaleIntercept", default=0.0)
+    if slope == 0:
+        raise InputError(f"{path}: RescaleSlope is 0")
     hu = np.rint(stored * slope + intercept)  # float64 for one slice only
-    padding = _padding_mask(ds, stored)
+    padding = _padding_mask(path, ds, stored)
     if padding is not None:
         hu[padding] = PADDING_OUT_HU
     if hu.min() < INT16.min or hu.max() > INT16.max:
@@ -327,20 +389,20 @@ def _stored_to_hu(path: Path, ds: Dataset, stored: np.ndarray) -> np.ndarray:
     return hu.astype(np.int16)
 
 
-def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+def _padding_mask(path: Path, ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
     """Pixels marked as padding by PixelPaddingValue (and PixelPaddingRangeLimit)."""
     if "PixelPaddingValue" not in ds:
         return None
-    bits = int(ds.BitsAllocated)
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    bits = int(header_number(path, ds, "BitsAllocated"))
+    signed = header_number(path, ds, "PixelRepresentation", default=0) == 1
 
-    def as_stored(value) -> int:
+    def as_stored(keyword: str) -> int:
         # Written with VR US even for signed pixels (e.g. 63536 meaning -2000).
-        value = int(value)
+        value = int(header_number(path, ds, keyword))
         return value - (1 << bits) if signed and value >= 1 << (bits - 1) else value
 
-    first = as_stored(ds.PixelPaddingValue)
-    last = as_stored(ds.get("PixelPaddingRangeLimit", ds.PixelPaddingValue))
+    first = as_stored("PixelPaddingValue")
+    last = as_stored("PixelPaddingRangeLimit") if "PixelPaddingRangeLimit" in ds else first
     return (stored >= min(first, last)) & (stored <= max(first, last))
 
 
@@ -359,7 +421,7 @@ def _metadata(source: Path, info: SeriesInfo, instances: list[tuple[Path, Datase
     files: list[str | None] = [None] * plan.n_slices
     for index, k in zip(plan.order, plan.grid_k):
         path, ds = instances[index]
-        sop_uids[k], files[k] = str(ds.SOPInstanceUID), str(path)
+        sop_uids[k], files[k] = _text(ds, "SOPInstanceUID"), str(path)
     first = instances[plan.order[0]][1]
     return {
         "source": str(source),

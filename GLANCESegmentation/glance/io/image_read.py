@@ -96,7 +96,59 @@ def _read_header(path: Path, max_voxels: int | None) -> sitk.ImageFileReader:
     check_voxel_budget(path, size, max_voxels)
     check_spacing(path, reader.GetSpacing())
     check_direction(path, np.array(reader.GetDirection()).reshape(3, 3))
+    if image_format(path) == "nifti":
+        _check_nifti_length(path)
     return reader
+
+
+def _check_nifti_length(path: Path) -> None:
+    """Refuse a NIfTI file shorter than its header says: ITK would fill the missing voxels with 0.
+
+    Runs after the voxel budget check, so the bytes counted (streamed, for .nii.gz) are bounded.
+    """
+    import gzip
+    import struct
+    import zlib
+
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open if compressed else open)(path, "rb") as f:
+            needed = _nifti_bytes(f.read(540))
+            if needed is None:
+                return  # ITK read the header, so this cannot happen; leave it to ITK
+            have = path.stat().st_size if not compressed else 540
+            while compressed and have < needed:
+                block = f.read(min(1 << 24, needed - have))
+                if not block:
+                    break
+                have += len(block)
+    except (OSError, EOFError, struct.error, zlib.error) as err:
+        raise InputError(f"{path}: cannot read the image data ({err})") from err
+    if have < needed:
+        raise InputError(f"{path}: cannot read the image data (truncated: the header needs {needed} bytes, "
+                         f"the file holds {have})")
+
+
+def _nifti_bytes(header: bytes) -> int | None:
+    """Bytes a single-file NIfTI-1/-2 needs according to its header (offset + voxel data)."""
+    import struct
+
+    # NIfTI-1: sizeof_hdr 348, dim int16[8] at 40, bitpix at 72, vox_offset float32 at 108;
+    # NIfTI-2: sizeof_hdr 540, bitpix at 14, dim int64[8] at 16, vox_offset int64 at 168.
+    for order in "<>":
+        version = struct.unpack(order + "i", header[:4])[0]
+        if version == 348:
+            dim, bitpix = struct.unpack(order + "8h", header[40:56]), struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if version == 540:
+            dim, bitpix = struct.unpack(order + "8q", header[16:80]), struct.unpack(order + "h", header[14:16])[0]
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    n_dims = max(1, min(int(dim[0]), 7))
+    return max(offset, version + 4) + int(np.prod(dim[1:n_dims + 1], dtype=object)) * bitpix // 8
 
 
 def _itk_message(err: Exception) -> str:

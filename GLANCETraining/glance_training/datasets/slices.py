@@ -152,6 +152,12 @@ class SliceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.config.samples_per_epoch
 
+    def preload(self) -> None:
+        """Load the cases now, in this process: DataLoader workers forked later start with them
+        cached instead of each re-loading (or re-generating) every case in every epoch."""
+        for index in range(min(len(self.cases), self.config.cache_cases)):
+            self._case(index)
+
     def set_epoch(self, epoch: int) -> None:
         """New draws for a new epoch (call on the dataset before each epoch's DataLoader pass)."""
         self.epoch = int(epoch)
