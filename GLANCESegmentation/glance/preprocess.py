@@ -43,9 +43,14 @@ def full_crop(shape: tuple[int, ...]) -> Crop:
     return Crop((0, shape[0]), (0, shape[1]), (0, shape[2]))
 
 
-def lung_mask(hu: np.ndarray, spacing: tuple[float, float, float]) -> tuple[np.ndarray, int]:
-    """Coarse lung mask (air inside the body) and its in-plane subsampling step."""
-    step = max(1, int(COARSE_MM / min(spacing[1], spacing[2])))
+def lung_mask(hu: np.ndarray, spacing: tuple[float, float, float], coarse_mm: float | None = COARSE_MM,
+              min_ml: float = MIN_LUNG_ML, fill_holes: bool = False) -> tuple[np.ndarray, int]:
+    """Lung mask (air enclosed by the body) on an axial-first array, and its in-plane step.
+
+    ``coarse_mm`` subsamples in-plane to about that pixel size (None: full resolution);
+    ``fill_holes`` closes each slice's mask over vessels and nodules inside the lungs.
+    """
+    step = max(1, int(coarse_mm / min(spacing[1], spacing[2]))) if coarse_mm else 1
     coarse = hu[:, ::step, ::step] < AIR_HU
     # Air connected to the image border within a slice is outside the body (including FOV padding).
     per_slice = np.zeros((3, 3, 3), bool)
@@ -59,8 +64,11 @@ def lung_mask(hu: np.ndarray, spacing: tuple[float, float, float]) -> tuple[np.n
         return inside, step
     voxel_ml = spacing[0] * spacing[1] * spacing[2] * step * step / 1000.0
     sizes = ndimage.sum_labels(inside, labels, index=np.arange(1, n + 1)) * voxel_ml
-    keep = np.flatnonzero(sizes >= MIN_LUNG_ML) + 1
-    return np.isin(labels, keep), step
+    mask = np.isin(labels, np.flatnonzero(sizes >= min_ml) + 1)
+    if fill_holes:
+        for k in range(mask.shape[0]):
+            mask[k] = ndimage.binary_fill_holes(mask[k])
+    return mask, step
 
 
 def lung_crop(hu: np.ndarray, spacing: tuple[float, float, float]) -> Crop:

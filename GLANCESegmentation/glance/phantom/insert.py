@@ -75,21 +75,13 @@ class InsertConfig:
 
 def lung_mask(ct: Volume) -> np.ndarray:
     """Both lungs with their vessels (air-like regions inside the body, holes filled per slice)."""
-    air = ct.array < -400
-    lab, n = ndimage.label(air)
-    if n == 0:
+    from glance.preprocess import lung_mask as enclosed_air
+
+    if not (ct.array < -400).any():
         raise InputError("the CT has no air-filled region: no lungs to put nodules in")
-    border = np.unique(np.concatenate([lab[:, 0].ravel(), lab[:, -1].ravel(), lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    sizes[border] = 0
-    min_voxels = 50_000.0 / float(np.prod(ct.spacing))  # 50 mL
-    keep = np.flatnonzero(sizes > min_voxels)
-    if not len(keep):
+    lungs, _ = enclosed_air(ct.array, tuple(reversed(ct.spacing)), coarse_mm=None, min_ml=50.0, fill_holes=True)
+    if not lungs.any():
         raise InputError("no lung-sized air region found in the CT")
-    lungs = np.isin(lab, keep)
-    for k in range(lungs.shape[0]):
-        lungs[k] = ndimage.binary_fill_holes(lungs[k])
     return lungs
 
 
