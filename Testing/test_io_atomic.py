@@ -122,3 +122,20 @@ def test_empty_existing_folder_is_used_without_force(tmp_path):
     out.mkdir()
     run_once(out, "ok")
     assert (out / "result.txt").read_text() == "ok"
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path):
+    """A writer that creates its file 0600 (safetensors does) still yields a file others may read."""
+    import os
+    import stat
+
+    from glance.io.atomic import atomic_path
+
+    target = tmp_path / "weights.bin"
+    with atomic_path(target) as temp:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, b"x")
+        os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask

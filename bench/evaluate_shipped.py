@@ -100,7 +100,8 @@ def main() -> None:
         },
         "full_scans_at_default_thresholds": at_default,
         "command": "python bench/evaluate_shipped.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (False, 0, None)),
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items() if v not in (False, 0, None)),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))

@@ -375,7 +375,11 @@ def write_history(history: list[EpochRecord], run_dir: Path) -> None:
     ax2 = ax.twinx()
     ax2.plot(epochs, [r.val_dice for r in history], "g--", label="validation Dice")
     ax2.set_ylim(0, 1)
-    fig.legend(loc="upper right", fontsize=8)
+    ax2.set_ylabel("Dice")
+    ax.set_ylabel("loss")
+    handles = ax.get_lines() + ax2.get_lines()
+    ax.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
+    fig.tight_layout()
     with atomic_path(run_dir / "curves.png") as tmp:
         fig.savefig(tmp, format="png")
 

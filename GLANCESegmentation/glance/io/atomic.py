@@ -35,6 +35,14 @@ def _temp_sibling(path: Path) -> Path:
     return path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
 
 
+def _file_mode() -> int:
+    """rw for whoever the umask allows, as open() would give: some writers (safetensors) create
+    their files 0600, which would hide a shipped model or a DICOM-SEG from other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -51,6 +59,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield temp
         if not temp.exists():
             raise FileNotFoundError(f"{temp}: nothing was written for {path}")
+        if temp.is_file():
+            os.chmod(temp, _file_mode())
         os.replace(temp, path)
     except BaseException:
         _remove(temp)
