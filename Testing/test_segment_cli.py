@@ -136,3 +136,30 @@ def test_existing_output_needs_force(untrained, example_ct, tmp_path, capsys):
     rc, _, err = _run(args, capsys)
     assert rc == 2 and "--force" in err
     assert _run(args + ["--force"], capsys)[0] == 0
+
+
+@pytest.mark.skipif(not (DATA / "LIDC-IDRI-0001").is_dir(), reason="shared/data/LIDC-IDRI-0001 is not present")
+def test_real_dicom_scan_end_to_end_with_the_shipped_model(tmp_path, capsys):
+    """LIDC-IDRI-0001 (original DICOM) through the default model: its 4-reader 33 mm nodule is
+    reported at its reference position, and the DICOM-SEG reads back and passes dciodvfy."""
+    import shutil
+    import subprocess
+
+    from glance.registry import resolve_model
+
+    resolve_model()  # the shipped model must be there
+    out = tmp_path / "r"
+    rc, _, err = _run(["segment", str(DATA / "LIDC-IDRI-0001"), "--out", str(out), "--no-snapshots"], capsys)
+    assert rc == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["input"]["series_uid"].endswith("179049373636438705059720603192")
+    reference = np.array([56.40, 86.34, -115.96])  # consensus centroid, LPS mm (shared/data/README.md)
+    distances = [np.linalg.norm(np.asarray(n["centre_lps"]) - reference) for n in report["nodules"]]
+    assert min(distances) < 23.40 / 2  # within the radius of its equivalent sphere
+    seg = out / report["dicom_seg"]
+    from highdicom.seg import segread
+
+    assert segread(seg).number_of_segments == report["n_nodules"]
+    if shutil.which("dciodvfy"):
+        proc = subprocess.run(["dciodvfy", str(seg)], capture_output=True, text=True)
+        assert not [line for line in proc.stderr.splitlines() if line.startswith("Error")]
