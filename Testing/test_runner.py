@@ -301,7 +301,8 @@ def test_cancel_lets_the_engine_clean_up_first(tmp_path):
     # The engine turns the interrupt into Cancelled and removes partial output.
     partial = tmp_path / "partial.tmp"
     job = BackgroundJob(_script(f"""
-        import pathlib, time
+        import pathlib, signal, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as glance.cli.main does
         p = pathlib.Path({str(partial)!r})
         p.write_text("half")
         try:

@@ -163,3 +163,21 @@ def test_real_dicom_scan_end_to_end_with_the_shipped_model(tmp_path, capsys):
     if shutil.which("dciodvfy"):
         proc = subprocess.run(["dciodvfy", str(seg)], capture_output=True, text=True)
         assert not [line for line in proc.stderr.splitlines() if line.startswith("Error")]
+
+
+def test_sigint_interrupts_even_when_inherited_as_ignored(tmp_path):
+    """A background job starts with SIGINT ignored; the engine must still stop on Ctrl-C / Cancel."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import time, sys\nfrom glance.cli import _interruptible\n_interruptible()\n"
+              "print('ready', flush=True)\ntry:\n    time.sleep(30)\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert proc.stdout.readline().strip() == "ready"
+    started = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == 130
+    assert time.perf_counter() - started < 5

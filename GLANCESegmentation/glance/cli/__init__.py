@@ -69,7 +69,19 @@ def _chosen_command(argv: list[str]) -> str | None:
     return next((a for a in argv if a in COMMANDS), None)
 
 
+def _interruptible() -> None:
+    """Make SIGINT raise KeyboardInterrupt even when the parent started us with it ignored
+    (a shell's background job, some schedulers): otherwise Ctrl-C and the Slicer module's
+    Cancel would be silently ignored and the run would finish anyway."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _interruptible()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _chosen_command(argv)
     parser = build_parser(command)
