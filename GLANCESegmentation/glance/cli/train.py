@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 # Flags that override the config file field of the same name.
@@ -50,15 +49,14 @@ def _check(cfg) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from glance.errors import GlanceError
-    from glance.registry import user_models_dir
+    from glance.runner import new_run_dir
     from glance_training.train import Trainer, register
 
     cfg = build_config(args)
     _check(cfg)
     if args.resume and not args.run_dir:
         raise GlanceError("--resume needs --run-dir")
-    run_dir = Path(args.run_dir) if args.run_dir else (
-        user_models_dir().parent / "runs" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(cfg.name)
     emit = (lambda line: print(line, flush=True)) if args.progress_lines else None
     trainer = Trainer(cfg, run_dir, emit)
     if args.resume:
