@@ -8,7 +8,6 @@ functions that need them, so loading this module at Slicer start-up is cheap.
 """
 
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -44,6 +43,7 @@ def engine():
     if str(MODULE_DIR) not in sys.path:
         sys.path.insert(0, str(MODULE_DIR))
     import glance
+    import glance.errors
     import glance.registry
     import glance.report
     import glance.runner
@@ -76,10 +76,14 @@ class GLANCESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.logic = None
         self._job = None
         self._jobKind = None
+        self._jobOutDir = None  # where the running job writes; becomes _outDir once its result is loaded
+        self._jobVolume = None
         self._outDir = None
         self._nodes = None
         self._rows = []
         self._fillingTable = False
+        self._thresholdsModel = None  # the model whose thresholds the sliders were last set to
+        self._modelThresholds = None  # the sliders' values then: unchanged sliders leave the choice to the engine
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -111,10 +115,8 @@ class GLANCESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.resultsTable.setColumnCount(len(TABLE_COLUMNS))
         self.ui.resultsTable.setHorizontalHeaderLabels([header for header, _key, _fmt in TABLE_COLUMNS])
         self.ui.progressBar.setValue(0)
-        # The engine's defaults, so that a first run here equals "glance segment" with no options.
         runner = engine().runner
-        self.ui.segmentationThresholdSlider.value = runner.DEFAULT_SEG_THRESHOLD
-        self.ui.detectionThresholdSlider.value = runner.DEFAULT_DET_THRESHOLD
+        self.setThresholds(runner.DEFAULT_SEG_THRESHOLD, runner.DEFAULT_DET_THRESHOLD)
         self.populateDevices()
         self.updateButtons()
 
@@ -130,8 +132,8 @@ class GLANCESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def onSceneStartClose(self, caller, event):
         if self._job is not None:
             self._job.cancel()
-            self._job = None
-        self._nodes = None
+            self.finishJob()
+        self._outDir = self._nodes = None
         self._rows = []
         self.ui.resultsTable.setRowCount(0)
         self.updateButtons()
@@ -160,7 +162,25 @@ class GLANCESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def onModelChanged(self, index=None):
         entry = self.logic.modelByRef(self.ui.modelSelector.currentData)
         self.ui.modelCardBrowser.setHtml(self.logic.modelCardHtml(entry) if entry else "")
+        if entry is not None and entry.ref != self._thresholdsModel:  # not on every visit: keep the user's choice
+            self._thresholdsModel = entry.ref
+            self.setThresholds(*self.logic.defaultThresholds(entry.ref))
         self.updateButtons()
+
+    def setThresholds(self, segThreshold, detThreshold):
+        """The sliders at a model's thresholds, without re-filtering the result on screen (another model's)."""
+        sliders = (self.ui.segmentationThresholdSlider, self.ui.detectionThresholdSlider)
+        for slider, value in zip(sliders, (segThreshold, detThreshold)):
+            slider.blockSignals(True)
+            slider.value = value
+            slider.blockSignals(False)
+        self._modelThresholds = tuple(slider.value for slider in sliders)  # as the sliders round them
+
+    def chosenThresholds(self):
+        """(segmentation, detection) for a run; None where the slider still shows the model's own value,
+        so the engine applies the card's exact calibrated threshold (and its report says so)."""
+        values = (self.ui.segmentationThresholdSlider.value, self.ui.detectionThresholdSlider.value)
+        return tuple(None if value == default else value for value, default in zip(values, self._modelThresholds))
 
     def updateButtons(self, *args):
         running = self._job is not None and self._jobKind == "segment"
@@ -184,16 +204,18 @@ class GLANCESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if not self.logic.ensureDependencies():
             self.showStatus(_("GLANCE needs its Python packages; nothing was run."))
             return
+        # The result on screen stays until the new one is loaded: a failed run leaves the scene as it was.
         with slicer.util.tryWithErrorDisplay(_("Could not start segmentation."), waitCursor=True):
-            self.clearResult()
-            self._outDir = self.logic.newOutputFolder()
+            segThreshold, detThreshold = self.chosenThresholds()
+            self._jobOutDir = self.logic.newOutputFolder()
+            self._jobVolume = self.ui.inputVolumeSelector.currentNode()
             self._job = self.logic.startSegmentation(
-                self.ui.inputVolumeSelector.currentNode(),
+                self._jobVolume,
                 self.ui.modelSelector.currentData,
                 self.ui.deviceSelector.currentData,
-                self._outDir,
-                segThreshold=self.ui.segmentationThresholdSlider.value,
-                detThreshold=self.ui.detectionThresholdSlider.value,
+                self._jobOutDir,
+                segThreshold=segThreshold,
+                detThreshold=detThreshold,
             )
             self.startPolling("segment", _("Segmenting..."))
 
@@ -210,6 +232,7 @@ class GLANCESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             segThreshold=self.ui.segmentationThresholdSlider.value,
             detThreshold=self.ui.detectionThresholdSlider.value,
         )
+        self._jobOutDir, self._jobVolume = self._outDir, self._nodes.volume_node
         self.startPolling("refilter", _("Re-filtering..."))
 
     def startPolling(self, kind, text):
@@ -227,36 +250,29 @@ class GLANCESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.ui.statusLabel.text = status.stage
         if not status.state.finished:
             return
-        kind = self._jobKind
+        kind, outDir, volumeNode = self._jobKind, self._jobOutDir, self._jobVolume
         self.finishJob()
-        if status.state.value == "succeeded":
-            self.ui.progressBar.setValue(1000)
-            with slicer.util.tryWithErrorDisplay(_("Could not load the result."), waitCursor=True):
-                self.showResult()
-        elif status.state.value == "failed":
-            self.showStatus(_("Failed: {error}").format(error=status.error))
-            slicer.util.errorDisplay(_("GLANCE {kind} failed:\n{error}").format(kind=kind, error=status.error))
+        try:
+            with slicer.util.WaitCursor():
+                nodes, rows = self.logic.finishRun(kind, status, outDir, volumeNode, previous=self._nodes)
+        except engine().errors.GlanceError as exc:
+            self.showStatus(str(exc))
+            slicer.util.errorDisplay(str(exc))
+            return
+        self.ui.progressBar.setValue(1000)
+        self._outDir, self._nodes, self._rows = outDir, nodes, rows
+        self.showResult()
 
     def finishJob(self):
         self._pollTimer.stop()
         self._job = None
         self._jobKind = None
+        self._jobOutDir = self._jobVolume = None
         self.updateButtons()
 
     # -- results ----------------------------------------------------------------
 
-    def clearResult(self):
-        if self._nodes is not None:
-            self.logic.removeResult(self._nodes)
-        self._nodes = None
-        self._rows = []
-        self.ui.resultsTable.setRowCount(0)
-
     def showResult(self):
-        self.clearResult()
-        volumeNode = self.ui.inputVolumeSelector.currentNode()
-        self._nodes = self.logic.loadResult(self._outDir, volumeNode)
-        self._rows = self.logic.resultRows(self._outDir)
         self.logic.showSurfaces(self._nodes, self.ui.showSurfacesCheckBox.checked)
         self.fillTable()
         self.showStatus(_("{count} nodule(s) found.").format(count=len(self._rows)))
@@ -334,10 +350,15 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
         import html
 
         rows = "".join(
-            f"<tr><td><b>{html.escape(str(k))}</b></td><td>{html.escape(_cardValue(v))}</td></tr>"
-            for k, v in entry.card.items()
+            f"<tr><td><b>{html.escape(field)}</b></td><td>{html.escape(text)}</td></tr>"
+            for field, text in engine().registry.card_summary(entry.card)
         )
         return f"<h4>{html.escape(entry.name)} {html.escape(str(entry.version))}</h4><table>{rows}</table>"
+
+    @staticmethod
+    def defaultThresholds(ref):
+        """(segmentation, detection): the model card's calibrated values, else the engine's defaults."""
+        return engine().registry.default_thresholds(ref)
 
     def deviceChoices(self):
         choices = [(_("Automatic"), "auto"), (_("CPU"), "cpu")]
@@ -383,17 +404,15 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
         return Path(outDir) / "result"
 
     def startSegmentation(self, volumeNode, model, device, outDir, segThreshold=None, detThreshold=None):
-        """``glance segment`` on the CT as Slicer holds it; thresholds default to the engine's."""
+        """``glance segment`` on the CT as Slicer holds it; a threshold left None is the engine's choice
+        (the model card's calibrated value, else the engine's default)."""
         runner = engine().runner
         # The engine reads the CT exactly as Slicer holds it (LPS NRRD), whatever it was loaded from.
         inputPath = Path(outDir) / "input.nrrd"
         if not slicer.util.saveNode(volumeNode, str(inputPath)):
             raise RuntimeError(_("Could not write the CT to {path}").format(path=inputPath))
-        command = runner.segment_command(
-            inputPath, self.resultFolder(outDir), model, device,
-            seg_threshold=runner.DEFAULT_SEG_THRESHOLD if segThreshold is None else segThreshold,
-            det_threshold=runner.DEFAULT_DET_THRESHOLD if detThreshold is None else detThreshold,
-        )  # fmt: skip
+        command = runner.segment_command(inputPath, self.resultFolder(outDir), model, device,
+                                         seg_threshold=segThreshold, det_threshold=detThreshold)
         return runner.BackgroundJob(command).start()
 
     def startRefilter(self, outDir, segThreshold, detThreshold):
@@ -405,19 +424,30 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
 
     # -- results ----------------------------------------------------------------------
 
-    def loadResult(self, outDir, volumeNode, scene=None):
-        """The engine's nodes for a finished run, placed under the CT's study."""
+    def finishRun(self, kind, status, outDir, volumeNode, previous=None, scene=None):
+        """A finished job's result in the scene in place of ``previous``: (nodes, table rows).
+
+        All or nothing: when the engine failed or its result cannot be loaded, GlanceError carries the
+        one line the user sees, and the scene (``previous`` included) is exactly as it was before.
+        """
         glance = engine()
-        scene = scene or slicer.mrmlScene
-        nodes = glance.scene.load_result(self.resultFolder(outDir), scene=scene, reference_volume_node=volumeNode)
-        shNode = scene.GetSubjectHierarchyNode()
-        study = shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode))
-        for node in (nodes.segmentation_node, nodes.markups_node, nodes.table_node):
-            item = shNode.GetItemByDataNode(node)
-            if item:
-                shNode.SetItemParent(item, study)
-            else:  # no item yet: a scene without Slicer's subject hierarchy plugins (scripts, CI)
-                shNode.CreateItem(study, node)
+        title = _("GLANCE segmentation") if kind == "segment" else _("GLANCE re-filtering")
+        if status.state is not glance.runner.JobState.SUCCEEDED:
+            raise glance.errors.GlanceError(glance.runner.failure_message(title, status.error or status.state.value))
+        try:
+            rows = self.resultRows(outDir)
+            nodes = self.loadResult(outDir, volumeNode, scene=scene)
+        except Exception as exc:  # whatever the cause, the user gets one line; the details go to the log
+            logging.debug("loading %s failed", outDir, exc_info=True)
+            raise glance.errors.GlanceError(glance.runner.failure_message(_("Loading the result"), exc)) from exc
+        if previous is not None:
+            self.removeResult(previous)
+        return nodes, rows
+
+    def loadResult(self, outDir, volumeNode, scene=None):
+        """The engine's nodes for a finished run, placed under the CT's study; all or nothing (glance.scene)."""
+        nodes = engine().scene.load_result(self.resultFolder(outDir), scene=scene or slicer.mrmlScene,
+                                           reference_volume_node=volumeNode)
         GLANCESegmentationLogic.currentResult = nodes
         return nodes
 
@@ -428,8 +458,7 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def removeResult(nodes):
-        for node in (nodes.segmentation_node, nodes.markups_node, nodes.table_node):
-            nodes.scene.RemoveNode(node)
+        engine().scene.remove_result(nodes)
         if GLANCESegmentationLogic.currentResult is nodes:
             GLANCESegmentationLogic.currentResult = None
 
@@ -492,14 +521,6 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
         return _("Exported {count} nodule(s) to {path}.").format(count=len(accepted), path=path)
 
 
-def _cardValue(value):
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {_cardValue(v)}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_cardValue(v) for v in value)
-    return str(value)
-
-
 class GLANCESegmentationTest(ScriptedLoadableModuleTest):
     """End to end inside Slicer, with the engine's real commands:
     ``glance phantom`` (DICOM) -> DICOM database -> ``glance segment`` (default model and
@@ -552,7 +573,7 @@ class GLANCESegmentationTest(ScriptedLoadableModuleTest):
             self.assertEqual(job.status.state.value, "succeeded", job.status.error)
             self.assertEqual(job.status.fraction, 1.0)
 
-            nodes = logic.loadResult(run, ct)
+            nodes, _rows = logic.finishRun("segment", job.status, run, ct)  # what the widget does with it
             markups = nodes.markups_node
             found = [markups.GetNthControlPointPosition(i) for i in range(markups.GetNumberOfControlPoints())]
             for nodule in truth["nodules"]:  # every ground-truth nodule is found at its centre

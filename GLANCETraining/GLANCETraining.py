@@ -231,8 +231,10 @@ class GLANCETrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.finishJob()
         if status.state.value == "failed":
-            self.showStatus(_("Failed: {error}").format(error=status.error))
-            slicer.util.errorDisplay(_("GLANCE {kind} failed:\n{error}").format(kind=kind, error=status.error))
+            title = _("GLANCE training") if kind == "train" else _("GLANCE evaluation")
+            message = engine().runner.failure_message(title, status.error)  # one line, as in Segmentation
+            self.showStatus(message)
+            slicer.util.errorDisplay(message)
         elif status.state.value == "succeeded" and kind == "train":
             self.populateModels()  # the new version is registered now
             self.showStatus(_("Training finished; the new model is available in GLANCE Segmentation. "

@@ -24,7 +24,6 @@ from glance_training.datasets import (
     luna_cases,
     maxslice_crop_cases,
     nodule_crop_cases,
-    read_seg_nrrd,
     split_patients,
     split_source,
     tianchi_cases,
@@ -208,6 +207,8 @@ def test_local_case_with_a_layered_seg_nrrd_in_ras(tmp_path):
     """Slicer's layout written with pynrrd: 4D (layers first), RAS space, segment extent cropped."""
     import nrrd
 
+    from glance.io import read_seg_nrrd
+
     spacing, origin, shape = (0.8, 0.8, 2.0), (10.0, 20.0, -50.0), (10, 30, 30)
     case = tmp_path / "case-a"
     case.mkdir()
@@ -237,9 +238,9 @@ def test_local_case_with_a_layered_seg_nrrd_in_ras(tmp_path):
         "Segment1_LabelValue": "1", "Segment1_Extent": "0 9 0 9 0 4",
     }
     nrrd.write(str(case / "nodules.seg.nrrd"), layers, header)
-    vol, names = read_seg_nrrd(case / "nodules.seg.nrrd")
-    assert names == ["Nodule 1", "Nodule 2"] and vol.shape == (5, 10, 10)
-    np.testing.assert_allclose(vol.origin, block_lps)
+    seg = read_seg_nrrd(case / "nodules.seg.nrrd")
+    assert [s.name for s in seg.segments] == ["Nodule 1", "Nodule 2"] and seg.layers.shape == (2, 5, 10, 10)
+    np.testing.assert_allclose(seg.origin, block_lps)
     loaded = local_cases(tmp_path)[0].load()
     np.testing.assert_array_equal(loaded.labels, expected)
 

@@ -150,3 +150,36 @@ def test_cropped_segmentation_file_is_pasted_back_by_its_origin(reviewed, tmp_pa
     expected[box] = np.where(labels[box] == found[0], found[0], 0)
     assert got.shape == ct.shape
     np.testing.assert_array_equal(got, expected)
+
+
+def test_segmentation_that_is_not_a_glance_result_is_refused(tmp_path):
+    """Only a GLANCE file maps to nodule labels: one shared layer, segments ``Nodule_<label>``."""
+    import nrrd
+
+    from glance.volume import Volume
+
+    ct = Volume(np.zeros((3, 4, 5), np.int16), (1.0, 1.0, 1.0))
+    lps = {"space": "left-posterior-superior", "space origin": np.zeros(3)}
+    one = np.zeros((5, 4, 3), np.uint8)  # NRRD axis order (i, j, k)
+    one[1, 2, 0] = 4
+    path = tmp_path / "renamed.seg.nrrd"
+    nrrd.write(str(path), one, {**lps, "space directions": np.eye(3), "Segment0_ID": "Nodule_9",
+                                "Segment0_LabelValue": "4"})
+    expected = np.zeros(ct.shape, np.uint16)
+    expected[0, 2, 1] = 9  # the label comes from the ID, not from the label value
+    np.testing.assert_array_equal(labels_on_grid(path, ct), expected)
+
+    nrrd.write(str(path), one, {**lps, "space directions": np.eye(3), "Segment0_ID": "Segment_1",
+                                "Segment0_LabelValue": "4"})
+    with pytest.raises(InputError, match=r"renamed\.seg\.nrrd: segment 'Segment_1' is not a GLANCE nodule"):
+        labels_on_grid(path, ct)
+    layered = tmp_path / "layered.seg.nrrd"
+    nrrd.write(str(layered), np.stack([one, one]), {
+        **lps, "space directions": np.vstack([[np.nan] * 3, np.eye(3)]),
+        "kinds": ["list", "domain", "domain", "domain"],
+        "Segment0_ID": "Nodule_1", "Segment0_Layer": "0", "Segment0_LabelValue": "4",
+        "Segment1_ID": "Nodule_2", "Segment1_Layer": "1", "Segment1_LabelValue": "4"})
+    with pytest.raises(InputError, match="segments on several layers"):
+        labels_on_grid(layered, ct)
+    with pytest.raises(InputError, match="missing from the result folder"):
+        labels_on_grid(tmp_path / "absent.seg.nrrd", ct)

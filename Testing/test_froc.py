@@ -66,6 +66,15 @@ def test_excluded_hit_would_otherwise_be_a_false_positive():
     assert r.cpm == pytest.approx(1 / 3)
 
 
+@pytest.mark.parametrize("unknown", [-1.0, 0.0, float("nan")])
+def test_finding_without_a_size_counts_as_10_mm(unknown):
+    # -1 is LUNA16's "no size"; 0 is how the dataset readers store it (luna.read_annotation_csv).
+    excluded = [F(0, 0, 0, unknown)]
+    inside, outside = C(4.99, 0, 0, 0.8), C(5.0, 0, 0, 0.7)  # radius 5 mm, strict
+    r = match_scan([inside, outside, C(0, 0, 0, 0.6)], [], excluded)
+    assert r.n_ignored_excluded == 2 and r.fp_scores.tolist() == [0.7]
+
+
 def test_radius_boundary_is_exclusive():
     nodule = [F(10, 20, 30, 6)]
     at_radius = match_scan([C(10, 23, 30, 0.5)], nodule)

@@ -67,6 +67,19 @@ def test_segment_command_has_the_exact_engine_arguments():
     ]  # fmt: skip
 
 
+def test_thresholds_left_out_are_the_engines_choice():
+    # None: no flag, so the engine applies the model card's calibrated value (else its default).
+    assert runner.segment_command("/ct.nrrd", "/o", "m", python="py") == [
+        "py", "-m", "glance.cli", "segment", "/ct.nrrd", "--out", "/o", "--model", "m", "--device", "auto",
+        "--progress-lines", "--force",
+    ]  # fmt: skip
+    assert runner.segment_command("/ct.nrrd", "/o", "m", det_threshold=0.2, python="py")[11:] == [
+        "--det-threshold", "0.2", "--progress-lines", "--force"]
+    assert runner.refilter_command("/o", seg_threshold=0.45, python="py") == [
+        "py", "-m", "glance.cli", "refilter", "/o", "--seg-threshold", "0.45"]
+    assert runner.refilter_command("/o", python="py") == ["py", "-m", "glance.cli", "refilter", "/o"]
+
+
 def test_refilter_command():
     cmd = runner.refilter_command(Path("/tmp/out"), seg_threshold=0.6, det_threshold=0.25, python="py")
     assert cmd == ["py", "-m", "glance.cli", "refilter", "/tmp/out",
@@ -256,6 +269,26 @@ def test_failure_gives_one_readable_message_and_the_exit_code():
     assert status.returncode == 2
     assert status.error == "scan.nrrd: slice spacing is inconsistent"
     assert status.progress == Progress(1, 3)
+
+
+def test_failure_message_is_one_line_naming_what_failed_and_why():
+    assert runner.failure_message("GLANCE segmentation", "scan.nrrd: not CT") == "GLANCE segmentation failed: scan.nrrd: not CT"
+    assert runner.failure_message("Loading", ValueError("a\n  b\tc")) == "Loading failed: a b c"
+    assert runner.failure_message("Loading", None) == runner.failure_message("Loading", " ") == (
+        "Loading failed: unknown error")
+
+
+def test_segment_on_a_file_that_is_not_an_image_fails_with_one_line(tmp_path):
+    # The real engine in the background, as the Slicer module starts it.
+    bad = tmp_path / "ct.nrrd"
+    bad.write_text("not an image\n")
+    status = BackgroundJob(runner.segment_command(bad, tmp_path / "out", "glance-small", "cpu", python=PY)).start()
+    status = status.wait(timeout=120)
+    assert status.state is JobState.FAILED and status.returncode == 2
+    assert status.error.startswith(f"{bad}: cannot read the image header (")
+    message = runner.failure_message("GLANCE segmentation", status.error)
+    assert "\n" not in message and message.startswith(f"GLANCE segmentation failed: {bad}: cannot read")
+    assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_crash_without_message_still_explains_itself():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -276,3 +277,133 @@ def test_label_values_without_a_nodule_are_refused():
     ct, labels, nodules = _case(np.eye(3))
     with pytest.raises(ValueError, match=r"without a nodule: \[3\]"):
         S.build_scene(ct, labels, nodules[:2], ALGORITHM)
+
+
+# ------------------------------------------------------------ loading is all or nothing; removal is complete
+
+RESULT_CLASSES = ("vtkMRMLSegmentationNode", "vtkMRMLMarkupsFiducialNode", "vtkMRMLTableNode")
+
+
+def _snapshot(scene) -> tuple[list[tuple[str, str]], int]:
+    """(ID, name) of every node, and the number of subject hierarchy items below the scene."""
+    nodes = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+    names = sorted((n.GetID(), n.GetName()) for n in nodes)
+    sh = scene.GetSubjectHierarchyNode()
+    items = vtk.vtkIdList()
+    sh.GetItemChildren(sh.GetSceneItemID(), items, True)
+    return names, items.GetNumberOfIds()
+
+
+def _items_like_the_app(scene) -> None:
+    """Give each new data node a subject hierarchy item at the top, as the application's plugin logic does."""
+    sh = scene.GetSubjectHierarchyNode()
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def added(_scene, _event, node):
+        if node.GetClassName() in RESULT_CLASSES:
+            sh.CreateItem(sh.GetSceneItemID(), node)
+
+    scene._glance_test_observer = added  # keep the callback alive with the scene
+    scene.AddObserver(slicer.vtkMRMLScene.NodeAddedEvent, added)
+
+
+@pytest.fixture
+def study(tmp_path):
+    """A result folder (nodule 2 rejected) and a scene with its CT in a study, a previous result loaded.
+
+    ``empty`` is the scene's snapshot before that result was loaded.
+    """
+    ct, labels, nodules = _case(np.eye(3))
+    folder = tmp_path / "result"
+    S.save_scene_files(S.build_scene(ct, labels, nodules, ALGORITHM), folder)
+    write_csv(nodules, folder / S.CSV_FILE, accepted=[1, 3])
+    scene = S.mrml_scene(slicer.vtkMRMLScene())
+    _items_like_the_app(scene)
+    volume = S.add_volume_node(scene, ct, name="chest CT")
+    sh = scene.GetSubjectHierarchyNode()
+    study_item = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "patient"), "study")
+    sh.CreateItem(study_item, volume)
+    empty = _snapshot(scene)
+    previous = S.load_result(folder, scene=scene, reference_volume_node=volume)
+    return SimpleNamespace(folder=folder, scene=scene, volume=volume, study=study_item, previous=previous, empty=empty)
+
+
+def _truncate(path) -> None:
+    path.write_bytes(path.read_bytes()[:300])  # the header cut mid-way, no data
+
+
+def _corrupt_json(path) -> None:
+    path.write_text("{not json")
+
+
+@pytest.mark.parametrize("name, corrupt, message", [
+    # Slicer's own reader would abort the whole process on this one (an uncaught ITK exception).
+    (S.SEGMENTATION_FILE, _truncate, "nodules.seg.nrrd: not a readable NRRD segmentation"),
+    # Read after the segmentation node and its display node are in the scene.
+    (S.MARKUPS_FILE, _corrupt_json, "nodules.mrk.json: Slicer could not read it"),
+])
+def test_load_result_of_a_corrupt_file_leaves_the_scene_as_it_was(study, name, corrupt, message):
+    folder, scene, volume, previous = study.folder, study.scene, study.volume, study.previous
+    corrupt(folder / name)
+    before = _snapshot(scene)
+    with pytest.raises(InputError, match=message):
+        S.load_result(folder, scene=scene, reference_volume_node=volume)
+    assert _snapshot(scene) == before
+    assert all(scene.IsNodePresent(n) for n in (previous.segmentation_node, previous.markups_node, previous.table_node))
+
+
+def test_load_result_failing_after_every_node_was_added_removes_them_all(study, monkeypatch):
+    folder, scene, volume = study.folder, study.scene, study.volume
+    added = []
+
+    def fail(nodes, label, accepted):  # re-applying the rejected nodule 2: the load's last step
+        added.extend(n.GetClassName() for n in (nodes.segmentation_node, nodes.markups_node, nodes.table_node)
+                     if scene.IsNodePresent(n) and scene.GetSubjectHierarchyNode().GetItemByDataNode(n))
+        raise RuntimeError("refused")
+
+    monkeypatch.setattr(S, "set_nodule_accepted", fail)
+    before = _snapshot(scene)
+    with pytest.raises(RuntimeError, match="^refused$"):
+        S.load_result(folder, scene=scene, reference_volume_node=volume)
+    assert added == list(RESULT_CLASSES)  # all three, with their items, were in the scene when it failed
+    assert _snapshot(scene) == before
+
+
+def test_load_result_places_the_nodes_beside_the_ct_and_remove_result_takes_all_out(study):
+    folder, scene, volume = study.folder, study.scene, study.volume
+    sh = scene.GetSubjectHierarchyNode()
+    result = (study.previous.segmentation_node, study.previous.markups_node, study.previous.table_node)
+    assert [sh.GetItemParent(sh.GetItemByDataNode(n)) for n in result] == [study.study] * 3
+    S.remove_result(study.previous)
+    before = _snapshot(scene)
+    assert before == study.empty
+    assert before[1] == 3  # patient, study, CT
+
+    nodes = S.load_result(folder, scene=scene, reference_volume_node=volume)
+    result = (nodes.segmentation_node, nodes.markups_node, nodes.table_node)
+    assert [sh.GetItemParent(sh.GetItemByDataNode(n)) for n in result] == [study.study] * 3
+    assert nodes.volume_node is volume and S.accepted_labels(nodes) == [1, 3]
+    # What Slicer adds once the result is saved: a storage node per file.
+    storage = [nodes.segmentation_node.AddDefaultStorageNode(), nodes.markups_node.AddDefaultStorageNode()]
+    assert storage == [True, True]
+    names, items = _snapshot(scene)
+    # Segmentation, markups and table, the first two with a display and a storage node each.
+    assert len(names) == len(before[0]) + 7 and items == before[1] + 3
+
+    S.remove_result(nodes)
+    assert _snapshot(scene) == before
+    assert scene.IsNodePresent(volume)
+    S.remove_result(nodes)  # already gone: nothing to do
+    assert _snapshot(scene) == before
+
+
+def test_load_result_beside_a_ct_without_an_item_goes_to_the_top(tmp_path):
+    ct, labels, nodules = _case(np.eye(3))
+    S.save_scene_files(S.build_scene(ct, labels, nodules, ALGORITHM), tmp_path)
+    write_csv(nodules, tmp_path / S.CSV_FILE)
+    scene = S.mrml_scene(slicer.vtkMRMLScene())
+    volume = S.add_volume_node(scene, ct)  # headless: no subject hierarchy item
+    nodes = S.load_result(tmp_path, scene=scene, reference_volume_node=volume)
+    sh = scene.GetSubjectHierarchyNode()
+    for node in (nodes.segmentation_node, nodes.markups_node, nodes.table_node):
+        assert sh.GetItemParent(sh.GetItemByDataNode(node)) == sh.GetSceneItemID()

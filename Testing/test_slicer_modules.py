@@ -425,6 +425,17 @@ def _engine_args(command):
     return build_parser(command[3]).parse_args(command[3:])
 
 
+def headless_save_node(slicer, monkeypatch):
+    """slicer.util.saveNode needs the application; headless the same storage node writes the file."""
+
+    def save_node(node, filename):
+        storage = node.CreateDefaultStorageNode()
+        storage.SetFileName(str(filename))
+        return bool(storage.WriteData(node))
+
+    monkeypatch.setattr(slicer.util, "saveNode", save_node)
+
+
 def _capture_starts(monkeypatch):
     from glance import runner
 
@@ -435,18 +446,11 @@ def _capture_starts(monkeypatch):
 
 def test_segmentation_logic_starts_the_engine_with_its_real_arguments(modules, tmp_path, monkeypatch):
     slicer = modules.slicer
-    from glance import runner
     from glance.io import read_volume
 
     ct, _ = _result_folder(tmp_path / "made")
     scene, volume, _ = _scene_with_ct_in_a_study(slicer, ct)
-
-    def save_node(node, filename):  # slicer.util.saveNode needs the application; same storage node headless
-        storage = node.CreateDefaultStorageNode()
-        storage.SetFileName(filename)
-        return bool(storage.WriteData(node))
-
-    monkeypatch.setattr(slicer.util, "saveNode", save_node)
+    headless_save_node(slicer, monkeypatch)
     started = _capture_starts(monkeypatch)
     logic = modules.GLANCESegmentation.GLANCESegmentationLogic()
 
@@ -454,8 +458,11 @@ def test_segmentation_logic_starts_the_engine_with_its_real_arguments(modules, t
     args = _engine_args(started[-1])
     assert (args.command, args.out, args.model, args.device) == ("segment", str(tmp_path / "run" / "result"),
                                                                 "glance-small@1.0.0", "cpu")
-    # Untouched sliders mean the engine's defaults.
-    assert (args.seg_threshold, args.det_threshold) == (runner.DEFAULT_SEG_THRESHOLD, runner.DEFAULT_DET_THRESHOLD)
+    # No thresholds given: the engine applies the model card's calibrated ones (else its defaults).
+    assert (args.seg_threshold, args.det_threshold) == (None, None)
+    from glance.cli.segment import threshold_arguments
+
+    assert threshold_arguments(args) == {"seg_threshold": None, "det_threshold": None}
     assert args.progress_lines and args.force
     written = read_volume(args.input)  # the CT the engine will read is the one in the scene, in LPS
     np.testing.assert_array_equal(written.array, ct.array)

@@ -24,7 +24,7 @@ def cfg():
     from glance_training.train import TrainConfig
 
     return TrainConfig(name="test-site", data=[f"maxslice:{CROPS}"], epochs=2, steps_per_epoch=2, batch=2,
-                       crop_patch_size=32, val_samples=4)
+                       crop_patch_size=32, val_samples=4, calibrate=False)
 
 
 @pytest.fixture(autouse=True)
@@ -101,7 +101,15 @@ def test_cli_train_registers_a_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "PROGRESS 1/1" in out and "METRIC epoch=1" in out
-    assert (tmp_path / "glance-home" / "models" / "cli-site-1.0.0" / "model.safetensors").is_file()
+    folder = tmp_path / "glance-home" / "models" / "cli-site-1.0.0"
+    assert (folder / "model.safetensors").is_file()
+    # The new version's thresholds were chosen on the validation patients and stored in its card.
+    thresholds = json.loads((folder / "card.json").read_text())["thresholds"]
+    calibration = thresholds["calibration"]
+    assert calibration["split"] == "val" and calibration["data"] == [f"maxslice:{CROPS}"]
+    assert thresholds["segmentation"] in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
+    assert 0.0 < thresholds["detection"] < 1.0
+    assert calibration["n_nodules"][f"maxslice:{CROPS}"] > 100
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -124,7 +132,7 @@ def test_distributed_training_on_two_cpu_processes(tmp_path):
     env = {**os.environ, "GLANCE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "glance.cli", "train", "--data", f"maxslice:{CROPS}", "--epochs", "1", "--steps-per-epoch",
-           "2", "--batch", "4", "--name", "ddp-site", "--run-dir", str(tmp_path / "run")]
+           "2", "--batch", "4", "--name", "ddp-site", "--run-dir", str(tmp_path / "run"), "--no-calibrate"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     card = json.loads((tmp_path / "home" / "models" / "ddp-site-1.0.0" / "card.json").read_text())

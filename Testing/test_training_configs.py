@@ -182,29 +182,6 @@ def test_ablation_variants_name_real_model_ablations(ablation):
     assert config_for("small", "unet").encoder == "unet"
 
 
-def test_shared_phantoms_generate_each_config_once(ablation, monkeypatch):
-    from glance.phantom.generate import PhantomConfig
-    from glance_training.datasets import synthetic
-
-    calls = []
-
-    def fake_make(config):
-        calls.append(config.seed)
-        return (object(), None, [])
-
-    monkeypatch.setattr(synthetic, "_make_phantom", fake_make)
-    with ablation.shared_phantoms() as stats:
-        a = synthetic._make_phantom(PhantomConfig(seed=1))
-        assert synthetic._make_phantom(PhantomConfig(seed=1)) is a  # equal config: the same phantom
-        assert synthetic._make_phantom(PhantomConfig(seed=2)) is not a
-        # Cases built inside the context use the shared generator.
-        case = synthetic.phantom_cases(1, seed=0)[0]
-        case.load()
-        case.load()
-    assert len(calls) == 3 and calls[:2] == [1, 2] and stats["generated"] == 3
-    assert synthetic._make_phantom is fake_make  # restored
-
-
 def test_ablation_markdown_table(ablation):
     crops = {"n_nodules": 199, "dice": 0.8123, "iou": 0.7}
     results = {"command": "python bench/ablation.py --variants full 2.5d", "budget": "B", "variants": {

@@ -13,7 +13,7 @@ The max-slice crops are single axial slices: a 2.5D model sees the same slice re
 three channels there, so the 1-slice vs 2.5D comparison only means something on volumetric
 data (the phantoms, or full scans); the table says so.
 
-Run from the repository root (defaults take about 30 minutes for all six variants on 2 CPU cores):
+Run from the repository root (defaults take about an hour for all six variants on 2 idle CPU cores):
 
     python bench/ablation.py [--config JSON] [--epochs E] [--steps-per-epoch S] [--variants full unet ...]
                              [--phantoms N] [--full-scans] [--out bench/results]
@@ -31,8 +31,6 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -44,14 +42,14 @@ CROPS_SPEC = f"maxslice:{DATA / 'lidc-maxslice-crops'}"
 # The two full scans of shared/data: LIDC-IDRI-0001 and -0003, reserved test patients.
 FULL_SCAN_SPECS = (f"lidc:{DATA / 'LIDC-IDRI-0001'}", f"lidc:{DATA / 'scans'}")
 
-# Chosen from measurements on the 2 CPU cores (small preset, glance-small.json data; CPU seconds
-# with 2 torch threads, the machine shared): a training step ~1-2 s (64 px crop batches) to
-# ~2-4 s (96-128 px phantom batches), ~8 s to generate a phantom (once per run of this script:
-# see shared_phantoms), ~10 s of validation per epoch, ~50 s to score the 199 test crops. So
-# about 4 minutes per variant at 3 x 40 steps plus ~4 minutes of phantoms: ~30 minutes for the
-# six. The script prints its own estimate after the first variant.
-DEFAULT_EPOCHS = 3
-DEFAULT_STEPS = 40
+# The budget: the full model learns nothing measurable in its first ~400 steps at the shipped
+# config's learning rate (glance-small's history: validation Dice 0.00 at step 300, 0.15 at 400,
+# 0.38 at 500), and a 5 x 100-step run that anneals to zero by step 500 ends at Dice 0.00. So the
+# default is 10 x 100 steps, annealed over the run: about 40 s per 100 steps on 2 idle cores,
+# plus ~2 minutes of scoring per variant, ~1 hour for the six. The script prints its own
+# estimate after the first variant.
+DEFAULT_EPOCHS = 10
+DEFAULT_STEPS = 100
 DEFAULT_VAL_SAMPLES = 32
 
 
@@ -87,8 +85,7 @@ def _absolute_spec(text: str) -> str:
     spec = DataSpec.parse(text)
     if spec.kind == "phantom" or Path(spec.arg).is_absolute():
         return text
-    weight = "" if spec.weight == 1.0 else f"@{spec.weight:g}"
-    return f"{spec.kind}:{(ROOT / spec.arg).resolve()}{weight}"
+    return str(replace(spec, arg=str((ROOT / spec.arg).resolve())))  # keeps the spec's options and weight
 
 
 def base_config(path: Path = BASE_CONFIG, epochs: int = DEFAULT_EPOCHS, steps_per_epoch: int = DEFAULT_STEPS,
@@ -96,7 +93,9 @@ def base_config(path: Path = BASE_CONFIG, epochs: int = DEFAULT_EPOCHS, steps_pe
     """The shared reference config: ``path`` with a shorter budget, the full model on 1 slice.
 
     The cosine cycle is scaled with the budget (the shipped config anneals over its whole run,
-    T0 = epochs), so every variant ends its run at the same low learning rate.
+    T0 = epochs), so every variant ends its run at the same low learning rate. Variants are not
+    calibrated: all are scored at the same built-in thresholds (p >= 0.5, heatmap >= 0.3), so the
+    table compares networks, not operating points.
     """
     from glance_training.train import TrainConfig
 
@@ -104,7 +103,7 @@ def base_config(path: Path = BASE_CONFIG, epochs: int = DEFAULT_EPOCHS, steps_pe
     t0 = max(1, round(cfg.t0_epochs * epochs / cfg.epochs))
     return replace(cfg, name="glance-ablation", base_model=None, ablation="full", context_slices=0,
                    epochs=epochs, steps_per_epoch=steps_per_epoch, t0_epochs=t0, val_samples=val_samples,
-                   device=device, data=[_absolute_spec(d) for d in cfg.data])
+                   device=device, data=[_absolute_spec(d) for d in cfg.data], calibrate=False)
 
 
 def variant_config(base, variant: Variant):
@@ -113,38 +112,6 @@ def variant_config(base, variant: Variant):
 
 
 # ----------------------------------------------------------------------------- one variant
-
-
-@contextmanager
-def shared_phantoms() -> Iterator[dict]:
-    """Generate each phantom once for all variants instead of once per variant.
-
-    A phantom is a pure function of its config (seed included), so every variant still gets
-    exactly the same training and evaluation data; only the ~8 s per phantom is paid once.
-    Consumers treat loaded cases as read-only, so sharing the arrays is safe. Yields a dict
-    counting the phantoms generated and the seconds spent on them.
-    """
-    from glance_training.datasets import synthetic
-
-    make = synthetic._make_phantom
-    cache: dict[str, tuple] = {}
-    stats = {"generated": 0, "seconds": 0.0}
-
-    def cached(config):
-        key = repr(config)  # PhantomConfig is a plain (unhashable) dataclass; its repr is every field
-        if key not in cache:
-            t = time.perf_counter()
-            cache[key] = make(config)
-            stats["generated"] += 1
-            stats["seconds"] += time.perf_counter() - t
-        return cache[key]
-
-    synthetic._make_phantom = cached
-    try:
-        yield stats
-    finally:
-        synthetic._make_phantom = make
-
 
 
 def _seg_summary(report: dict) -> dict:
@@ -174,17 +141,16 @@ def _evaluate(model: Path, data: list[str], split: str, out: Path, args) -> dict
             "seconds": round(time.perf_counter() - t, 1)}
 
 
-def run_variant(variant: Variant, cfg, work: Path, args, phantoms: dict | None = None) -> dict:
-    """Train, register into ``work`` and score one variant (``phantoms``: shared_phantoms' counter)."""
+def run_variant(variant: Variant, cfg, work: Path, args, phantoms) -> dict:
+    """Train, register into ``work`` and score one variant (``phantoms``: the open ``synthetic.PhantomCache``)."""
     from glance_training.train import Trainer, register
 
     folder = work / variant.name.replace(".", "_")
-    phantoms = phantoms or {"seconds": 0.0}
-    t, generated = time.perf_counter(), phantoms["seconds"]
+    t, generated = time.perf_counter(), phantoms.seconds
     trainer = Trainer(cfg, folder / "run")
     history = trainer.fit()
     # Training time without the phantoms generated for it: only the first variant pays for those.
-    generating = phantoms["seconds"] - generated
+    generating = phantoms.seconds - generated
     train_s = time.perf_counter() - t - generating
     model = register(trainer, out=folder / "model")
     last = history[-1]
@@ -249,14 +215,14 @@ def write_results(results: dict, out: Path) -> tuple[Path, Path]:
 # ----------------------------------------------------------------------------- main
 
 
-def _print_progress(r: dict, base, phantoms: dict, estimate_for: int) -> None:
+def _print_progress(r: dict, base, phantoms, estimate_for: int) -> None:
     """One variant's times; after the first, an estimate for ``estimate_for`` variants."""
     per_step = r["train_seconds"] / (base.epochs * base.steps_per_epoch)
     print(f"    {r['train_seconds']:.0f} s training ({per_step:.2f} s/step incl. validation), {r['seconds']:.0f} s "
           f"in all; crop Dice {_pct(r['crops'].get('dice'))} %", flush=True)
     if estimate_for > 1:
-        rest = (r["seconds"] - phantoms["seconds"]) * (estimate_for - 1)  # later variants reuse the phantoms
-        print(f"    {phantoms['generated']} phantoms generated in {phantoms['seconds']:.0f} s (shared); estimated "
+        rest = (r["seconds"] - phantoms.seconds) * (estimate_for - 1)  # later variants reuse the phantoms
+        print(f"    {phantoms.generated} phantoms generated in {phantoms.seconds:.0f} s (shared); estimated "
               f"total: {(r['seconds'] + rest) / 60:.0f} min for {estimate_for} variants", flush=True)
 
 
@@ -292,6 +258,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
+    from glance_training.datasets.synthetic import phantom_cache
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -304,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Command: {command}\nNote: {TWO_D_NOTE}", flush=True)
     results = {"command": command, "budget": _budget(base), "base_config": asdict(base), "notes": [TWO_D_NOTE],
                "variants": {}}
-    with tempfile.TemporaryDirectory(prefix="glance-ablation-") as tmp, shared_phantoms() as phantoms:
+    with tempfile.TemporaryDirectory(prefix="glance-ablation-") as tmp, phantom_cache() as phantoms:
         work = args.work_dir or Path(tmp)
         started = time.perf_counter()
         for n, name in enumerate(args.variants, start=1):
@@ -313,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             results["variants"][name] = r
             _print_progress(r, base, phantoms, len(args.variants) if n == 1 else 0)
         results["seconds"] = round(time.perf_counter() - started, 1)
-        results["phantoms_generated"] = phantoms["generated"]
+        results["phantoms_generated"] = phantoms.generated
     json_path, md_path = write_results(results, args.out)
     print()
     print(md_path.read_text(encoding="utf-8"))

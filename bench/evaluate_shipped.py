@@ -32,7 +32,7 @@ SCANS = {"LIDC-IDRI-0001": (DATA / "LIDC-IDRI-0001", DATA / "LIDC-IDRI-0001" / "
 
 
 def reader_nodules_found(folder: Path) -> list[dict]:
-    """What a radiologist sees at the default thresholds: each reference nodule found or not (its
+    """What a radiologist sees at the default thresholds (the card's calibrated ones): each reference nodule found or not (its
     centre within its radius of a reported nodule centre), and the false positives per scan."""
     import numpy as np
 
@@ -82,6 +82,7 @@ def main() -> None:
     results = {name: evaluate(cfg) for name, cfg in runs.items()}
     at_default = reader_nodules_found(folder)
     summary = {
+        "thresholds": results["full_scans"]["thresholds"],
         "crops_dice_per_nodule": results["crops"]["segmentation_per_nodule"]["dice"],
         "crops_n": results["crops"]["n_nodules_scored"],
         "full_scans": {

@@ -9,6 +9,8 @@ SEG on the CT grid back to an instance map (readback checks, training data).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from glance import __version__
-from glance.errors import InputError
+from glance.errors import GlanceError, InputError
 from glance.io.atomic import atomic_path
 from glance.nodule import Nodule
 from glance.report import AlgorithmInfo, nodule_colour
@@ -30,6 +32,36 @@ CONTENT_LABEL = "GLANCE_NODULES"  # CS: upper case, at most 16 characters
 # Tolerance (mm) when checking that the source files lie on the CT grid.
 _POSITION_TOLERANCE_MM = 0.05
 _ORIENTATION_TOLERANCE = 1e-4
+# sRGB (IEC 61966-2-1, 4-digit matrix as in pixelmed and highdicom) to CIE XYZ, and the D65 white point.
+_SRGB_TO_XYZ = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+_D65_WHITE = np.array([95.047, 100.0, 108.883])
+
+
+@functools.cache
+def dicom_seg_unavailable() -> str | None:
+    """Why no DICOM SEG can be written with the installed packages (one line); None when it can.
+
+    Inside Slicer the packages Slicer ships (pydicom, numpy) are never replaced, so where
+    they rule out every highdicom release the export is refused with this reason instead.
+    """
+    import pydicom
+
+    try:
+        import pydicom.pixels  # new in pydicom 3
+    except ImportError:
+        # pydicom 2.x (Slicer 5.10 ships 2.4.4): only highdicom <= 0.22 accepts it, and 0.22 still
+        # uses numpy.float_, which numpy 2 removed; Slicer 5.10 ships numpy 2.
+        if not hasattr(np, "float_"):
+            return (
+                f"DICOM SEG export needs pydicom >= 3 here: no highdicom release supports "
+                f"pydicom {pydicom.__version__} together with numpy {np.__version__}"
+            )
+    try:
+        import highdicom  # noqa: F401
+    except Exception as err:  # not installed, or a release that needs a newer pydicom than this one
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return f"DICOM SEG export needs highdicom, which cannot be imported here ({first_line})"
+    return None
 
 
 def _codes():
@@ -76,7 +108,9 @@ def _segment_description(number: int, nodule: Nodule, algorithm: AlgorithmInfo, 
         source=MANUFACTURER,
         parameters={k: str(v) for k, v in algorithm.thresholds.items()} or None,
     )
-    return hd.seg.SegmentDescription(
+    rgb = nodule_colour(nodule.label)
+    colour_argument = "display_color" in inspect.signature(hd.seg.SegmentDescription).parameters
+    description = hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=nodule.name,
         segmented_property_category=codes["category"],
@@ -86,8 +120,28 @@ def _segment_description(number: int, nodule: Nodule, algorithm: AlgorithmInfo, 
         tracking_id=nodule.name,
         tracking_uid=hd.UID(),
         anatomic_regions=[codes["region"]],
-        display_color=hd.color.CIELabColor.from_rgb(*nodule_colour(nodule.label)),
+        **({"display_color": hd.color.CIELabColor.from_rgb(*rgb)} if colour_argument else {}),
     )
+    if not colour_argument:
+        # highdicom 0.22 (the last release that accepts pydicom 2.4, as Slicer 5.10 ships) has no
+        # display_color; the attribute it would write is set here, with the same value.
+        description.RecommendedDisplayCIELabValue = list(dicom_cielab(rgb))
+    return description
+
+
+def dicom_cielab(rgb: Sequence[float]) -> tuple[int, int, int]:
+    """RGB 0-255 (sRGB) as a DICOM RecommendedDisplayCIELabValue: CIE L*a*b* (D65) scaled to 0-65535.
+
+    The same conversion and scaling as highdicom's ``CIELabColor.from_rgb`` (0.27+),
+    which is used whenever present; this one serves highdicom releases without it.
+    """
+    linear = np.asarray(rgb, dtype=float) / 255.0
+    linear = np.where(linear > 0.04045, ((linear + 0.055) / 1.055) ** 2.4, linear / 12.92) * 100
+    xyz = _SRGB_TO_XYZ @ linear / _D65_WHITE
+    f = np.where(xyz >= (6 / 29) ** 3, np.cbrt(xyz), xyz * 841 / 108 + 4 / 29)
+    lab = (116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2]))
+    # PS3.3 C.10.7.1.1: L* 0..100 and a*, b* -128..127 map linearly onto 0..0xFFFF.
+    return (round(lab[0] * 0xFFFF / 100), round((lab[1] + 128) * 0xFFFF / 255), round((lab[2] + 128) * 0xFFFF / 255))
 
 
 def write_dicom_seg(
@@ -104,10 +158,10 @@ def write_dicom_seg(
 
     ``source_files`` are the CT instances in k order of ``ct`` (checked).
     Segment n is the n-th written nodule in label order. Returns the path, or
-    None (and no file) when there is no nodule to write.
+    None (and no file) when there is no nodule to write. Raises GlanceError
+    (and writes nothing) when the installed packages cannot write a SEG, see
+    :func:`dicom_seg_unavailable`.
     """
-    import highdicom as hd
-
     if labels.shape != ct.shape:
         raise ValueError(f"label map shape {labels.shape} does not match CT grid {ct.shape}")
     chosen = [n for n in sorted(nodules, key=lambda n: n.label) if accepted is None or n.label in accepted]
@@ -119,9 +173,13 @@ def write_dicom_seg(
     if not chosen:
         log.info("no nodules to export: DICOM SEG not written (%s)", out_path)
         return None
+    sources = _read_sources(source_files, ct)
+    reason = dicom_seg_unavailable()
+    if reason is not None:
+        raise GlanceError(f"{out_path}: {reason}")
+    import highdicom as hd
 
     codes = _codes()
-    sources = _read_sources(source_files, ct)
     # Segment numbers 1..M; every other label (rejected, unknown) becomes background.
     lut = np.zeros(int(labels.max()) + 1, dtype=np.uint16)
     for number, nodule in enumerate(chosen, start=1):

@@ -20,20 +20,19 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from glance.errors import InputError
+from glance.io.seg_nrrd import DIRECTION_TOLERANCE, GRID_TOLERANCE_MM, Segment, place_on_grid, read_seg_nrrd
 from glance.nodule import Nodule
 from glance.report import AlgorithmInfo, write_csv
 from glance.volume import Volume
 
 log = logging.getLogger(__name__)
 
-# Same tolerances as a DICOM reader comparing slice positions (mm) and cosines.
-_GRID_TOLERANCE_MM = 0.05
-_DIRECTION_TOLERANCE = 1e-4
 
 
 def export_dicom_seg(result_dir: str | os.PathLike, source_files: Sequence[str | os.PathLike],
@@ -61,9 +60,9 @@ def export_dicom_seg(result_dir: str | os.PathLike, source_files: Sequence[str |
     _check_result_grid(ct, report, result_dir)
     labels = labels_on_grid(result_dir / SEGMENTATION_FILE, ct)
     model = report.get("model") or {}
-    thresholds = report.get("thresholds") or {}
+    thresholds = report.get("thresholds") or {}  # the probabilities, beside where they came from ("source")
     algorithm = AlgorithmInfo(str(model.get("name", "unknown")), str(model.get("version", "unknown")),
-                              {k: float(v) for k, v in thresholds.items()})
+                              {k: float(v) for k, v in thresholds.items() if isinstance(v, int | float)})
     return write_dicom_seg(ordered_files, ct, labels, nodules, Path(out_path), algorithm, accepted=accepted)
 
 
@@ -120,8 +119,8 @@ def _check_result_grid(ct: Volume, report: dict, result_dir: Path) -> None:
     same = (
         list(grid.get("shape_kji", [])) == list(ct.shape)
         and np.allclose(grid.get("spacing_ijk_mm"), ct.spacing, atol=1e-3)
-        and np.allclose(grid.get("origin_lps_mm"), ct.origin, atol=_GRID_TOLERANCE_MM)
-        and np.allclose(grid.get("direction"), ct.direction, atol=_DIRECTION_TOLERANCE)
+        and np.allclose(grid.get("origin_lps_mm"), ct.origin, atol=GRID_TOLERANCE_MM)
+        and np.allclose(grid.get("direction"), ct.direction, atol=DIRECTION_TOLERANCE)
     )
     if not same:
         raise InputError(f"{result_dir}: the result was computed on another grid than this DICOM series")
@@ -131,59 +130,24 @@ def labels_on_grid(seg_path: Path, ct: Volume) -> np.ndarray:
     """The nodule instance map of a GLANCE ``.seg.nrrd`` on ``ct``'s grid (uint16, value = nodule label).
 
     Slicer may store the labelmap cropped to the segments' extent; it is pasted
-    back by its origin. Label values are mapped to nodule labels through the
-    segment IDs (``Nodule_<label>``), so the result does not rely on how Slicer
-    numbered the layer.
+    back by its origin (:func:`glance.io.place_on_grid`, which refuses any other
+    grid). Label values are mapped to nodule labels through the segment IDs
+    (``Nodule_<label>``), so the result does not rely on how Slicer numbered the layer.
     """
-    from glance.io import read_label_map
-
-    value_to_label = _segment_labels(seg_path)
-    seg = read_label_map(seg_path)
-    if np.abs(np.asarray(seg.direction) - ct.direction).max() > _DIRECTION_TOLERANCE or not np.allclose(
-            seg.spacing, ct.spacing, atol=1e-4):
-        raise InputError(f"{seg_path}: segmentation grid differs from the CT's (spacing or orientation)")
-    offset_ijk = ct.lps_to_ijk(np.asarray(seg.origin, dtype=float))
-    offset = np.rint(offset_ijk).astype(int)
-    if np.abs(offset_ijk - offset).max() * min(ct.spacing) > _GRID_TOLERANCE_MM:
-        raise InputError(f"{seg_path}: segmentation voxels are not on the CT's voxels")
-    k0, j0, i0 = offset[::-1]
-    nk, nj, ni = seg.shape
-    if min(k0, j0, i0) < 0 or k0 + nk > ct.shape[0] or j0 + nj > ct.shape[1] or i0 + ni > ct.shape[2]:
-        raise InputError(f"{seg_path}: segmentation extends beyond the CT")
-    lut = np.zeros(int(seg.array.max()) + 1, dtype=np.uint16)
-    for value, label in value_to_label.items():
-        if value < len(lut):
-            lut[value] = label
-    out = np.zeros(ct.shape, dtype=np.uint16)
-    out[k0:k0 + nk, j0:j0 + nj, i0:i0 + ni] = lut[seg.array]
-    return out
-
-
-def _segment_labels(seg_path: Path) -> dict[int, int]:
-    """label value in the file -> nodule label, from the ``SegmentN_ID`` / ``SegmentN_LabelValue`` header keys."""
-    import SimpleITK as sitk
-
-    from glance.scene import segment_id
-
     if not seg_path.is_file():
         raise InputError(f"{seg_path}: missing from the result folder")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(seg_path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise InputError(f"{seg_path}: cannot read the segmentation header ({exc})") from None
-    meta = {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()}
-    mapping: dict[int, int] = {}
-    n = 0
-    while f"Segment{n}_ID" in meta:
-        seg_id = meta[f"Segment{n}_ID"]
-        layer = int(meta.get(f"Segment{n}_Layer", "0") or 0)
-        if layer != 0:
-            raise InputError(f"{seg_path}: segments on several layers (overlapping); not a GLANCE result")
-        prefix = segment_id(0)[:-1]  # "Nodule_"
-        if not seg_id.startswith(prefix) or not seg_id[len(prefix):].isdigit():
-            raise InputError(f"{seg_path}: segment {seg_id!r} is not a GLANCE nodule")
-        mapping[int(meta.get(f"Segment{n}_LabelValue", "1"))] = int(seg_id[len(prefix):])
-        n += 1
-    return mapping
+    seg = read_seg_nrrd(seg_path)
+    if len(seg.layers) > 1:
+        raise InputError(f"{seg_path}: segments on several layers (overlapping); not a GLANCE result")
+    return place_on_grid(seg.instance_map(partial(_nodule_label, seg_path)), ct)
+
+
+def _nodule_label(seg_path: Path, segment: Segment) -> int:
+    """The nodule label of a GLANCE segment, from its ID ``Nodule_<label>``."""
+    from glance.scene import segment_id
+
+    prefix = segment_id(0)[:-1]  # "Nodule_"
+    number = segment.id[len(prefix):]
+    if not segment.id.startswith(prefix) or not number.isdigit():
+        raise InputError(f"{seg_path}: segment {segment.id!r} is not a GLANCE nodule")
+    return int(number)

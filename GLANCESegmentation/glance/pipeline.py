@@ -38,6 +38,11 @@ EXAMPLE_CT_FILE = "example_ct.nrrd"
 class SegmentOptions:
     model: str | None = None  # registry name, NAME@VERSION or a folder; None = default
     inference: InferenceOptions = field(default_factory=InferenceOptions)
+    # Thresholds: an explicit value here wins; else the model card's calibrated one; else
+    # postprocess's own (PostprocessConfig's defaults, for a model without calibration).
+    seg_threshold: float | None = None
+    det_threshold: float | None = None
+    threshold_sources: dict[str, str] = field(default_factory=dict)  # filled by with_model_thresholds
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     series_uid: str | None = None
     max_voxels: int | None = None
@@ -88,6 +93,25 @@ def load_network(options: SegmentOptions):
     return model, card, folder
 
 
+def with_model_thresholds(options: SegmentOptions, card) -> SegmentOptions:
+    """``options`` with final post-processing thresholds for ``card``'s model, and where each came from."""
+    from dataclasses import replace
+
+    from glance.model.weights import recommended_thresholds
+
+    recommended = recommended_thresholds(card.thresholds)
+    chosen, sources = {}, {}
+    for key, explicit, field_name in (("segmentation", options.seg_threshold, "seg_threshold"),
+                                      ("detection", options.det_threshold, "det_threshold")):
+        if explicit is not None:
+            chosen[field_name], sources[key] = float(explicit), "requested"
+        elif key in recommended:
+            chosen[field_name], sources[key] = recommended[key], "model card (calibrated)"
+        else:
+            chosen[field_name], sources[key] = getattr(options.postprocess, field_name), "built-in default"
+    return replace(options, postprocess=replace(options.postprocess, **chosen), threshold_sources=sources, **chosen)
+
+
 def analyse_maps(ct: Volume, prob: np.ndarray, heatmap: np.ndarray, cfg: PostprocessConfig,
                  seconds: dict[str, float] | None = None) -> tuple[np.ndarray, list[Nodule]]:
     """Steps 4-5 on saved maps (input grid): instance labels and measured nodules.
@@ -124,6 +148,17 @@ def _on_input_grid(nodule: Nodule, ct: Volume) -> Nodule:
 def segment_volume(ct: Volume, network, options: SegmentOptions, progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None) -> Analysis:
     """Steps 2-5 on a CT already in memory."""
+    options = with_model_thresholds(options, network[1])
+    prob, heat, seconds, crop = predict_maps(ct, network, options.inference, progress, cancel)
+    labels, nodules = analyse_maps(ct, prob, heat, options.postprocess, seconds)
+    return Analysis(ct, prob, heat, labels, nodules, seconds, crop)
+
+
+def predict_maps(ct: Volume, network, inference: InferenceOptions, progress: ProgressFn | None = None,
+                 cancel: CancelFn | None = None, whole_image: bool = False):
+    """The network's (probability, heatmap) uint8 maps on ``ct``'s own grid, the seconds spent,
+    and the region it ran on. ``whole_image`` skips the lung crop (for nodule crops, which hold
+    no lungs to find)."""
     from glance.infer import predict
     from glance.preprocess import full_crop, lung_crop
 
@@ -133,15 +168,15 @@ def segment_volume(ct: Volume, network, options: SegmentOptions, progress: Progr
     canon, grid = canonical_volume(ct)
     spacing = tuple(grid.canonical_spacing)
     with _timed(seconds, "preprocess"):
-        crop = lung_crop(canon.array, spacing) if prep.lung_crop else full_crop(canon.array.shape)
-    log.info("lung region: slices %s, rows %s, columns %s of %s", crop.z, crop.y, crop.x, canon.array.shape)
-    maps = predict(canon.array, spacing, crop, model, prep, options.inference, progress, cancel)
+        use_lungs = prep.lung_crop and not whole_image
+        crop = lung_crop(canon.array, spacing) if use_lungs else full_crop(canon.array.shape)
+    log.info("region: slices %s, rows %s, columns %s of %s", crop.z, crop.y, crop.x, canon.array.shape)
+    maps = predict(canon.array, spacing, crop, model, prep, inference, progress, cancel)
     seconds["preprocess"] += maps.seconds["preprocess"]
     seconds["model"] = maps.seconds["model"]
     prob = np.ascontiguousarray(grid.to_original(maps.prob))
     heat = np.ascontiguousarray(grid.to_original(maps.heatmap))
-    labels, nodules = analyse_maps(ct, prob, heat, options.postprocess, seconds)
-    return Analysis(ct, prob, heat, labels, nodules, seconds, asdict(crop))
+    return prob, heat, seconds, asdict(crop)
 
 
 def algorithm_info(name: str, version: str, cfg: PostprocessConfig):
@@ -203,7 +238,8 @@ def base_report(ct: Volume, card, folder: Path, options: SegmentOptions, device:
         "model": {"name": card.name, "version": card.version, "folder": str(folder),
                   "weights_sha256": card.weights_sha256, "intended_use": card.intended_use},
         "thresholds": {"segmentation": options.postprocess.seg_threshold,
-                       "detection": options.postprocess.det_threshold},
+                       "detection": options.postprocess.det_threshold,
+                       "source": options.threshold_sources},
         "postprocess": asdict(options.postprocess),
         "device": device,
         "snapshots": options.snapshots,
@@ -229,6 +265,7 @@ def run_segment(ct: Volume, out_dir: Path, options: SegmentOptions, force: bool 
         network = load_network(options)
         load_seconds = time.perf_counter() - t
         model, card, folder = network
+        options = with_model_thresholds(options, card)
         device = device_description(next(model.parameters()).device)
         log.info("model %s@%s on %s", card.name, card.version, device)
         analysis = segment_volume(ct, network, options, progress, cancel)

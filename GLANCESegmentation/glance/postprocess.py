@@ -183,7 +183,7 @@ def _check_maps(prob: np.ndarray, heatmap: np.ndarray, spacing) -> None:
         raise InputError(f"spacing {tuple(spacing)} must be three positive values in mm")
 
 
-def _raw_threshold(threshold: float, dtype: np.dtype) -> float:
+def raw_threshold(threshold: float, dtype: np.dtype) -> float:
     """Threshold in the map's own encoding: ``raw >= result`` iff ``raw/255 >= threshold``."""
     if dtype == np.uint8:
         # The small epsilon keeps 0.2 * 255 = 51.000000000000007 at 51.
@@ -203,7 +203,7 @@ def _unit(values: np.ndarray) -> np.ndarray:
 
 def _find_peaks(heatmap: np.ndarray, spacing, cfg: PostprocessConfig) -> _Peaks:
     """Per-slice local maxima >= det_threshold, thinned by greedy disc NMS."""
-    raw = _raw_threshold(cfg.det_threshold, heatmap.dtype)
+    raw = raw_threshold(cfg.det_threshold, heatmap.dtype)
     slice_max = heatmap.max(axis=(1, 2))
     found_kji, found_val = [], []
     for k in np.flatnonzero(slice_max >= raw):
@@ -311,7 +311,7 @@ def _components_at_peaks(prob, peaks: _Peaks, cfg: PostprocessConfig):
     """(map of the components holding a peak, numbered 1..m, over the mask's bounding
     box; that box's offset; component number per peak, 0 where unsupported).
     The map is None when no peak has segmentation support."""
-    mask = prob >= _raw_threshold(cfg.seg_threshold, prob.dtype)
+    mask = prob >= raw_threshold(cfg.seg_threshold, prob.dtype)
     box = _bounding_box(mask)
     if box is None:
         return None, None, None

@@ -1,7 +1,8 @@
 """Model versions by name: the shipped ones (read-only) and the ones a site trains.
 
-A model version is a folder with ``card.json`` + ``model.safetensors``
-(``glance.model.weights``). Shipped versions live in the extension's
+A model version is a folder with ``card.json`` (``glance.model.card``) +
+``model.safetensors`` (``glance.model.weights``). Listing, resolving and
+describing models reads only the cards, so none of it imports torch. Shipped versions live in the extension's
 ``Resources/models/<folder>``; a site's versions go to the per-user data
 folder (``GLANCE_HOME`` overrides it). Names address versions: ``NAME`` is the
 newest version of NAME, ``NAME@VERSION`` one version, and a path is a folder.
@@ -57,7 +58,7 @@ def user_models_dir() -> Path:
 
 
 def _entries(root: Path, shipped: bool) -> list[ModelEntry]:
-    from glance.model.weights import read_card
+    from glance.model.card import read_card
 
     found = []
     for folder in sorted(p for p in root.iterdir() if (p / "card.json").is_file()):
@@ -104,3 +105,51 @@ def next_version_dir(name: str) -> tuple[str, Path]:
     while (user_models_dir() / f"{name}-{version}").exists():
         version = f"{int(version.split('.')[0]) + 1}.0.0"
     return version, user_models_dir() / f"{name}-{version}"
+
+
+def default_thresholds(model_ref: str | None = None) -> tuple[float, float]:
+    """(segmentation, detection) thresholds a run of ``model_ref`` uses when none are given."""
+    from glance.model.card import read_card
+
+    return operating_thresholds(read_card(resolve_model(model_ref)).thresholds)
+
+
+def operating_thresholds(thresholds: dict) -> tuple[float, float]:
+    """A card's calibrated (segmentation, detection) thresholds; the engine's default for any it lacks."""
+    from glance.model.card import recommended_thresholds
+    from glance.runner import DEFAULT_DET_THRESHOLD, DEFAULT_SEG_THRESHOLD
+
+    calibrated = recommended_thresholds(thresholds)
+    return calibrated.get("segmentation", DEFAULT_SEG_THRESHOLD), calibrated.get("detection", DEFAULT_DET_THRESHOLD)
+
+
+# Card fields a reader of the summary does not need: identity (shown as its title) and file bookkeeping.
+_UNSHOWN_CARD_FIELDS = ("name", "version", "format", "card_version", "weights_file", "thresholds", "intended_use")
+
+
+def card_summary(card: dict) -> list[tuple[str, str]]:
+    """(field, one line of text) rows describing a registered model's card, intended use and thresholds first."""
+    from glance.model.card import card_text
+
+    rows = [("intended use", card_text(card.get("intended_use", ""))),
+            ("thresholds", thresholds_text(card.get("thresholds") or {}))]
+    # What a reader weighs first; the network config and file details last.
+    first = ("metrics", "training", "preprocessing", "provenance")
+    keys = [k for k in first if k in card] + [k for k in card if k not in first and k not in _UNSHOWN_CARD_FIELDS]
+    return rows + [(key, card_text(card[key])) for key in keys]
+
+
+def thresholds_text(thresholds: dict) -> str:
+    """The thresholds a run uses with this card, whether each is calibrated, and how it was calibrated."""
+    from glance.model.card import THRESHOLD_KEYS, card_text, recommended_thresholds
+
+    calibrated = recommended_thresholds(thresholds)
+    values = dict(zip(THRESHOLD_KEYS, operating_thresholds(thresholds)))
+    text = ", ".join(f"{key} {values[key]:g} ({'calibrated' if key in calibrated else 'engine default'})"
+                     for key in THRESHOLD_KEYS)
+    how = thresholds.get("calibration")
+    if how not in (None, "", {}, []):
+        text += f"; calibration: {card_text(how)}"
+    elif calibrated:
+        text += "; calibration: not recorded"
+    return text

@@ -86,18 +86,20 @@ def segment_command(
     out_dir: str | os.PathLike,
     model: str,
     device: str = "auto",
-    seg_threshold: float = DEFAULT_SEG_THRESHOLD,
-    det_threshold: float = DEFAULT_DET_THRESHOLD,
+    seg_threshold: float | None = None,
+    det_threshold: float | None = None,
     python: str | None = None,
 ) -> list[str]:
-    """``glance segment`` with machine-readable progress; overwrites ``out_dir``."""
+    """``glance segment`` with machine-readable progress; overwrites ``out_dir``.
+
+    A threshold left None is the engine's choice: the model card's calibrated value, else its default.
+    """
     return _glance(
         python, "segment", str(input_path),
         "--out", str(out_dir),
         "--model", model,
         "--device", device,
-        "--seg-threshold", _number(seg_threshold),
-        "--det-threshold", _number(det_threshold),
+        *_thresholds(seg_threshold, det_threshold),
         "--progress-lines",
         "--force",
     )  # fmt: skip
@@ -105,16 +107,17 @@ def segment_command(
 
 def refilter_command(
     out_dir: str | os.PathLike,
-    seg_threshold: float = DEFAULT_SEG_THRESHOLD,
-    det_threshold: float = DEFAULT_DET_THRESHOLD,
+    seg_threshold: float | None = None,
+    det_threshold: float | None = None,
     python: str | None = None,
 ) -> list[str]:
-    """``glance refilter``: re-threshold a finished result from its saved maps."""
-    return _glance(
-        python, "refilter", str(out_dir),
-        "--seg-threshold", _number(seg_threshold),
-        "--det-threshold", _number(det_threshold),
-    )  # fmt: skip
+    """``glance refilter``: re-threshold a finished result from its saved maps (None: as the run had it)."""
+    return _glance(python, "refilter", str(out_dir), *_thresholds(seg_threshold, det_threshold))
+
+
+def _thresholds(seg_threshold: float | None, det_threshold: float | None) -> list[str]:
+    pairs = (("--seg-threshold", seg_threshold), ("--det-threshold", det_threshold))
+    return [item for flag, value in pairs if value is not None for item in (flag, _number(value))]
 
 
 def _repeated(flag: str, values: Sequence[str | os.PathLike]) -> list[str]:
@@ -277,6 +280,12 @@ def parse_line(line: str) -> Progress | Stage | Metric | None:
                 return None
         return Metric(values)
     return None
+
+
+def failure_message(what: str, reason: object) -> str:
+    """``"<what> failed: <reason>"`` on one line: the one message a GUI shows for any failure."""
+    text = " ".join(str(reason).split()) if reason is not None else ""
+    return f"{what} failed: {text or 'unknown error'}"
 
 
 def readable_error(stderr_lines: Sequence[str], returncode: int | None) -> str:

@@ -13,6 +13,10 @@ Nodes made for a result:
   writes ``.mrk.json`` in LPS);
 - table: one row per nodule, the columns of ``nodules.csv`` (glance.report).
 The control points and the table rows are in the same order as the segments.
+
+A result folder loads back all or nothing (:func:`load_result`), and
+:func:`remove_result` takes a result out with everything made for it: either
+way no stray node is left in the user's scene.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 
 from glance.errors import InputError
 from glance.io.atomic import atomic_path
+from glance.io.seg_nrrd import read_seg_nrrd
 from glance.nodule import Nodule
 from glance.report import CSV_COLUMNS, AlgorithmInfo, csv_rows, nodule_colour, read_csv
 from glance.volume import Volume
@@ -357,27 +362,42 @@ def _read_with_storage_node(scene, class_name: str, name: str, path: Path):
     node = scene.AddNewNodeByClass(class_name, name)
     storage = node.CreateDefaultStorageNode()
     storage.SetFileName(str(path))
-    if not storage.ReadData(node):
-        scene.RemoveNode(node)
+    if not storage.ReadData(node):  # the node goes with the rest of load_result's rollback
         raise InputError(f"{path}: Slicer could not read it")
     node.CreateDefaultDisplayNodes()
     return node
 
 
 def load_result(out_dir: Path, scene=None, reference_volume_node=None) -> SceneNodes:
-    """Load a finished result folder (seg.nrrd, mrk.json, nodules.csv) into a scene.
+    """Load a finished result folder (seg.nrrd, mrk.json, nodules.csv) into a scene; all or nothing.
 
-    Rejected nodules (``accepted`` 0 in the CSV) come back hidden.
+    Rejected nodules (``accepted`` 0 in the CSV) come back hidden. With
+    ``reference_volume_node`` (the CT) the segmentation takes its geometry and the
+    three nodes join the CT's parent in the subject hierarchy (its study).
+    On any failure every node the load added goes again, with its display and
+    storage nodes and subject hierarchy item, before the error is re-raised.
     """
-    out_dir = Path(out_dir)
+    scene = mrml_scene(scene)
+    before = _node_ids(scene)
+    try:
+        nodes = _load_result_nodes(Path(out_dir), scene, reference_volume_node)
+        if reference_volume_node is not None:
+            _place_beside(nodes, reference_volume_node)
+        return nodes
+    except BaseException:  # Ctrl-C half-way must not leave half a result either
+        _remove_nodes_added_since(scene, before)
+        raise
+
+
+def _load_result_nodes(out_dir: Path, scene, reference_volume_node) -> SceneNodes:
+    seg_path = out_dir / SEGMENTATION_FILE
+    if seg_path.is_file():  # Slicer's reader aborts the whole process on a broken header; this one raises
+        read_seg_nrrd(seg_path)
     csv_path = out_dir / CSV_FILE
     if not csv_path.is_file():
         raise InputError(f"{csv_path}: missing from the result folder")
     rows = read_csv(csv_path)
-    scene = mrml_scene(scene)
-    seg = _read_with_storage_node(
-        scene, "vtkMRMLSegmentationNode", SEGMENTATION_NODE_NAME, out_dir / SEGMENTATION_FILE
-    )
+    seg = _read_with_storage_node(scene, "vtkMRMLSegmentationNode", SEGMENTATION_NODE_NAME, seg_path)
     if reference_volume_node is not None:
         seg.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
     markups = _read_with_storage_node(scene, "vtkMRMLMarkupsFiducialNode", MARKUPS_NODE_NAME, out_dir / MARKUPS_FILE)
@@ -391,6 +411,66 @@ def load_result(out_dir: Path, scene=None, reference_volume_node=None) -> SceneN
         if not row["accepted"]:
             set_nodule_accepted(nodes, row["label"], False)
     return nodes
+
+
+def _result_nodes(nodes: SceneNodes) -> tuple:
+    return nodes.segmentation_node, nodes.markups_node, nodes.table_node
+
+
+def _place_beside(nodes: SceneNodes, volume_node) -> None:
+    """The result's nodes under the subject hierarchy parent of ``volume_node`` (the CT's study)."""
+    sh = nodes.scene.GetSubjectHierarchyNode()
+    volume_item = sh.GetItemByDataNode(volume_node)
+    parent = sh.GetItemParent(volume_item) if volume_item else sh.GetSceneItemID()
+    for node in _result_nodes(nodes):
+        item = sh.GetItemByDataNode(node)
+        if item:
+            sh.SetItemParent(item, parent)
+        else:  # no item yet: a scene without Slicer's subject hierarchy plugins (scripts, CI)
+            sh.CreateItem(parent, node)
+
+
+def remove_result(nodes: SceneNodes) -> None:
+    """Remove a result's segmentation, markups and table nodes completely; the CT stays.
+
+    Their display and storage nodes and subject hierarchy items go too. A node
+    the user already deleted is skipped.
+    """
+    _remove_nodes(nodes.scene, _result_nodes(nodes))
+
+
+def _node_ids(scene) -> set[str]:
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def _remove_nodes_added_since(scene, before: set[str]) -> None:
+    """Undo a half-done load: every node added since ``before`` goes.
+
+    Singletons (subject hierarchy, selection) are shared scene state and stay.
+    """
+    added = (scene.GetNodeByID(node_id) for node_id in sorted(_node_ids(scene) - before))
+    _remove_nodes(scene, [node for node in added if not node.GetSingletonTag()])
+
+
+def _remove_nodes(scene, nodes) -> None:
+    """Remove ``nodes`` with what was made for them: subject hierarchy item, display and storage nodes.
+
+    (The application's subject hierarchy logic would drop the items, but a script's scene has none.)
+    """
+    sh = scene.GetSubjectHierarchyNode()
+    for node in nodes:
+        if not scene.IsNodePresent(node):  # the user deleted it, or removing an earlier node took it along
+            continue
+        item = sh.GetItemByDataNode(node)
+        if item:
+            sh.RemoveItem(item, False, False)  # the item only: the node goes below
+        count = node.GetNumberOfDisplayNodes() if node.IsA("vtkMRMLDisplayableNode") else 0
+        extras = [node.GetNthDisplayNode(i) for i in range(count)]
+        extras += [node.GetStorageNode()] if node.IsA("vtkMRMLStorableNode") else []
+        for extra in extras:
+            if extra is not None and scene.IsNodePresent(extra):
+                scene.RemoveNode(extra)
+        scene.RemoveNode(node)
 
 
 # ------------------------------------------------------------ review

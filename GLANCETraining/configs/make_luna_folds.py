@@ -11,8 +11,8 @@ fold's test patients is trained on. ``split`` is (1, 0, 0): everything else trai
 no validation subset (LUNA16 has no masks to score, and the protocol selects no epoch: the
 model of the last epoch is evaluated).
 
-Each ``subsetN`` folder must hold ``annotations.csv`` and ``annotations_excluded.csv`` (copies or
-symlinks of the ones beside the subsets): ``luna:DIR`` looks for them only under DIR.
+``luna:<root>/subsetN`` finds ``annotations.csv`` and ``annotations_excluded.csv`` beside the subsets
+(in <root>, <root>/CSVFILES or <root>/evaluationScript/annotations), as LUNA16 ships them.
 
     python GLANCETraining/configs/make_luna_folds.py --luna /data/LUNA16 --lidc /data/LIDC-IDRI \\
         [--base GLANCETraining/configs/lidc-full-gpu.json] [--out runs/luna16-folds]

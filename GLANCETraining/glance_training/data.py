@@ -1,13 +1,27 @@
 """Training data from ``--data`` specs: which sources, split by patient, sampled as patches.
 
-A spec is ``KIND:ARG`` (``KIND:ARG@WEIGHT`` sets the source's share):
+A spec is ``KIND:ARG[,NAME=VALUE ...][@WEIGHT]``:
 
     maxslice:DIR     real 2D max-slice crops with reader masks (shared/data/lidc-maxslice-crops)
     crops3d:DIR      real 3D nodule crops with consensus masks (shared/data/lidc-nodule-crops)
     local:DIR        reviewed cases exported by the Slicer module (CT + seg.nrrd / DICOM-SEG / label map)
     lidc:DIR         LIDC-IDRI DICOM series + reader XML
-    luna:DIR, tianchi:DIR, lndb:DIR
+    luna:DIR         LUNA16 .mhd scans under DIR; options annotations=CSV, excluded=CSV (default: found
+                     in DIR, DIR/CSVFILES, DIR/evaluationScript/annotations, under DIR, then the same
+                     places beside DIR, see ``glance_training.datasets.luna``)
+    tianchi:DIR      the LUNA16 layout; option annotations=CSV
+    lndb:DIR
     phantom:N        N synthetic chest CTs generated on the fly (seeded by the run's seed)
+
+Grammar, so that any path works (Windows drive letters, '@' and ',' in folder names):
+
+* ``KIND`` is the text before the first ``:``; everything after it is ARG, options and weight.
+* ``@WEIGHT`` is the source's share, and only a trailing ``@`` followed by a number is one:
+  ``lidc:/data/a@b`` is the folder ``/data/a@b`` with weight 1. A path that itself ends in
+  ``@<number>`` needs an explicit weight after it (``lidc:/data/x@2@1``).
+* Options follow ARG, each as ``,NAME=VALUE`` where NAME is a word (letters, digits, ``_``):
+  ``luna:/data/LUNA16/subset3,annotations=/data/LUNA16/annotations.csv@2``. A ``,`` not followed
+  by ``NAME=`` belongs to the path. Unknown, repeated or empty options are an error.
 
 2D crop sources are sampled at ``crop_patch_size`` (they hold no more context than
 that); every other source at ``patch_size``. Each group gets its own loader and
@@ -17,7 +31,8 @@ training steps alternate between groups.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from glance.errors import GlanceError
@@ -31,24 +46,57 @@ log = logging.getLogger(__name__)
 TWO_D_KINDS = {"maxslice"}
 
 
+# ``@`` + a number at the very end: the weight (so '@' elsewhere in a path is the path's).
+_WEIGHT = re.compile(r"@((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
+# A ',' that starts an option: ``,NAME=``.
+_OPTION_START = re.compile(r",(?=\w+=)")
+
+
 @dataclass(frozen=True)
 class DataSpec:
+    """One ``--data`` source: ``KIND:ARG[,NAME=VALUE ...][@WEIGHT]`` (module docstring)."""
+
     kind: str
     arg: str
     weight: float = 1.0
+    options: dict[str, str] = field(default_factory=dict, hash=False)
 
     @classmethod
     def parse(cls, text: str) -> "DataSpec":
+        kinds = ", ".join(sorted(_LOADERS))
         kind, sep, rest = text.partition(":")
         if not sep or not rest:
-            raise GlanceError(f"--data {text!r}: expected KIND:PATH (kinds: {', '.join(sorted(_LOADERS))})")
-        arg, _, weight = rest.rpartition("@") if "@" in rest else (rest, "", "")
+            raise GlanceError(f"--data {text!r}: expected KIND:PATH (kinds: {kinds})")
         if kind not in _LOADERS:
-            raise GlanceError(f"--data {text!r}: unknown kind {kind!r} (kinds: {', '.join(sorted(_LOADERS))})")
-        try:
-            return cls(kind, arg, float(weight) if weight else 1.0)
-        except ValueError:
-            raise GlanceError(f"--data {text!r}: weight {weight!r} is not a number") from None
+            raise GlanceError(f"--data {text!r}: unknown kind {kind!r} (kinds: {kinds})")
+        weight = _WEIGHT.search(rest)
+        if weight:
+            rest = rest[: weight.start()]
+        arg, *pairs = _OPTION_START.split(rest)
+        if not arg:
+            raise GlanceError(f"--data {text!r}: expected KIND:PATH")
+        return cls(kind, arg, float(weight.group(1)) if weight else 1.0, _parse_options(text, kind, pairs))
+
+    def __str__(self) -> str:
+        text = f"{self.kind}:{self.arg}" + "".join(f",{k}={v}" for k, v in self.options.items())
+        # A text already ending in @NUMBER needs its weight spelled out to parse back the same.
+        return text if self.weight == 1.0 and not _WEIGHT.search(text) else f"{text}@{self.weight:g}"
+
+
+def _parse_options(text: str, kind: str, pairs: list[str]) -> dict[str, str]:
+    allowed = _OPTIONS.get(kind, ())
+    known = f"{kind} options: {', '.join(allowed)}" if allowed else f"{kind} takes no options"
+    options: dict[str, str] = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in allowed:
+            raise GlanceError(f"--data {text!r}: unknown option {name!r} ({known})")
+        if name in options:
+            raise GlanceError(f"--data {text!r}: option {name!r} given twice")
+        if not value:
+            raise GlanceError(f"--data {text!r}: option {name!r} needs a value ({name}=PATH)")
+        options[name] = value
+    return options
 
 
 def _phantoms(arg: str, seed: int) -> CaseList:
@@ -64,22 +112,28 @@ def _phantoms(arg: str, seed: int) -> CaseList:
     return phantom_cases(n, seed=seed, config=PhantomConfig((352, 352, 96), (0.9, 0.9, 1.5), n_nodules=10))
 
 
+# Loaders take (ARG, seed, options); the options are keyword arguments of the dataset function.
 _LOADERS = {
-    "maxslice": lambda arg, seed: maxslice_crop_cases(arg),
-    "crops3d": lambda arg, seed: nodule_crop_cases(arg),
-    "local": lambda arg, seed: local_cases(arg),
-    "lidc": lambda arg, seed: lidc_cases(arg),
-    "luna": lambda arg, seed: luna_cases(arg),
-    "tianchi": lambda arg, seed: tianchi_cases(arg),
-    "lndb": lambda arg, seed: lndb_cases(arg),
-    "phantom": _phantoms,
+    "maxslice": lambda arg, seed, opts: maxslice_crop_cases(arg),
+    "crops3d": lambda arg, seed, opts: nodule_crop_cases(arg),
+    "local": lambda arg, seed, opts: local_cases(arg),
+    "lidc": lambda arg, seed, opts: lidc_cases(arg),
+    "luna": lambda arg, seed, opts: luna_cases(arg, **opts),
+    "tianchi": lambda arg, seed, opts: tianchi_cases(arg, **opts),
+    "lndb": lambda arg, seed, opts: lndb_cases(arg),
+    "phantom": lambda arg, seed, opts: _phantoms(arg, seed),
 }
+_OPTIONS = {"luna": ("annotations", "excluded"), "tianchi": ("annotations",)}
 
 
 def load_source(spec: DataSpec, seed: int) -> CaseList:
     if spec.kind != "phantom" and not Path(spec.arg).exists():
-        raise GlanceError(f"--data {spec.kind}:{spec.arg}: no such file or folder")
-    return _LOADERS[spec.kind](spec.arg, seed)
+        hint = " (a weight is '@NUMBER' at the very end)" if "@" in spec.arg else ""
+        raise GlanceError(f"--data {spec}: {spec.arg}: no such file or folder{hint}")
+    for name, value in spec.options.items():
+        if not Path(value).is_file():
+            raise GlanceError(f"--data {spec}: {name}={value}: no such file")
+    return _LOADERS[spec.kind](spec.arg, seed, spec.options)
 
 
 @dataclass

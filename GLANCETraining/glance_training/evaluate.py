@@ -7,6 +7,14 @@ post-processing's scored candidates. Crops (2D max-slice and 3D nodule crops,
 centred on a nodule, without the surroundings detection needs) score the
 network's segmentation alone: the predicted component overlapping the nodule.
 
+Besides ``evaluation.json`` (and ``nodules.csv``, ``froc.png``) the report folder holds,
+when full scans were scored, the FROC's candidates in LUNA16's submission format
+(``candidates.csv``: ``seriesuid,coordX,coordY,coordZ,probability``, world mm = LPS,
+at most 100 per scan) and the scans they come from (``seriesuids.csv``, one uid a
+line, no header, like the official ``seriesuids.csv``): the official LUNA16 script
+scores them, and folds pool by concatenation. A LUNA16/Tianchi scan is named by its
+series uid, any other case by its case id.
+
 Only patients of the requested split are scored (default ``test``), using the
 split the model was trained with (from its card), so a reported number never
 comes from a patient the model trained on.
@@ -17,7 +25,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +35,8 @@ from glance.errors import GlanceError
 log = logging.getLogger(__name__)
 
 CROP_KINDS = {"maxslice", "crops3d"}
+CANDIDATES_FILE = "candidates.csv"
+SERIESUIDS_FILE = "seriesuids.csv"
 
 
 @dataclass
@@ -38,8 +47,8 @@ class EvaluateConfig:
     out: str = "glance-evaluation"
     device: str = "auto"
     batch: int = 8
-    seg_threshold: float = 0.5
-    det_threshold: float = 0.3
+    seg_threshold: float | None = None  # None: the model card's calibrated value, else the built-in default
+    det_threshold: float | None = None
     n_bootstrap: int = 1000
     max_cases: int = 0  # 0: every case of the split
 
@@ -67,28 +76,26 @@ def _cases(spec_text: str, cfg: EvaluateConfig, split, seed: int):
 
 def _crop_prediction(loaded, network, options) -> np.ndarray:
     """Network segmentation (p >= threshold) of a crop, on its grid."""
-    from glance.infer import predict
-    from glance.pipeline import canonical_volume
-    from glance.preprocess import full_crop
+    from glance.pipeline import predict_maps
+    from glance.postprocess import raw_threshold
 
-    model, card, _ = network
-    canon, grid = canonical_volume(loaded.ct)
-    maps = predict(canon.array, tuple(grid.canonical_spacing), full_crop(canon.array.shape), model, card.prep,
-                   options.inference)
-    threshold = int(math.ceil(options.postprocess.seg_threshold * 255))
-    return np.ascontiguousarray(grid.to_original(maps.prob >= threshold))
+    prob, _, _, _ = predict_maps(loaded.ct, network, options.inference, whole_image=True)
+    return prob >= raw_threshold(options.postprocess.seg_threshold, prob.dtype)
 
 
-def _froc_inputs(loaded, analysis, options):
-    """(candidates, reference nodules, excluded findings) of one scan, all in LPS mm."""
+def froc_inputs(loaded, prob, heatmap, cfg, score: str = "confidence"):
+    """(candidates, reference nodules, excluded findings) of one scan, all in LPS mm. ``prob`` and
+    ``heatmap`` lie on ``loaded.ct``'s grid; candidates are scored by their ``score`` field
+    (``confidence``, as the FROC ranks them, or ``detection_score``, the heatmap peak)."""
     from glance.pipeline import canonical_volume
     from glance.postprocess import candidates_for_froc
     from glance_training.froc import Candidate, Finding
 
-    canon, grid = canonical_volume(analysis.ct)
-    found = candidates_for_froc(grid.to_canonical(analysis.prob), grid.to_canonical(analysis.heatmap),
-                                tuple(grid.canonical_spacing), options.postprocess)
-    cands = [Candidate(tuple(canon.ijk_to_lps(np.asarray(c.position_index)[::-1])), c.confidence) for c in found]
+    canon, grid = canonical_volume(loaded.ct)
+    found = candidates_for_froc(grid.to_canonical(prob), grid.to_canonical(heatmap),
+                                tuple(grid.canonical_spacing), cfg)
+    cands = [Candidate(tuple(canon.ijk_to_lps(np.asarray(c.position_index)[::-1])), getattr(c, score))
+             for c in found]
     refs = [Finding(tuple(a.centre_lps), a.diameter_mm) for a in loaded.nodules if not a.excluded]
     excluded = [Finding(tuple(a.centre_lps), a.diameter_mm) for a in loaded.nodules if a.excluded]
     return cands, refs, excluded
@@ -102,6 +109,7 @@ class _Collected:
     references: dict = field(default_factory=dict)
     excluded: dict = field(default_factory=dict)
     scans: list = field(default_factory=list)
+    seriesuids: dict = field(default_factory=dict)  # scan -> name in candidates.csv
 
 
 def _score(collected: _Collected, case_id: str, source: str, pred, gt, spacing_kji) -> None:
@@ -119,16 +127,17 @@ def _score(collected: _Collected, case_id: str, source: str, pred, gt, spacing_k
 def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     from glance.infer import InferenceOptions
     from glance.pipeline import SegmentOptions, load_network, segment_volume
-    from glance.postprocess import PostprocessConfig
+    from glance.pipeline import with_model_thresholds
 
     if cfg.split not in ("test", "val", "all"):
         raise GlanceError(f"--split must be test, val or all, got {cfg.split!r}")
     if not cfg.data:
         raise GlanceError("no evaluation data: give --data KIND:PATH")
     options = SegmentOptions(model=cfg.model, inference=InferenceOptions(cfg.device, cfg.batch),
-                             postprocess=PostprocessConfig(cfg.seg_threshold, cfg.det_threshold))
+                             seg_threshold=cfg.seg_threshold, det_threshold=cfg.det_threshold)
     network = load_network(options)
     card = network[1]
+    options = with_model_thresholds(options, card)
     split = training_split(card)
     seed = int(((card.training or {}).get("config") or {}).get("seed", 0)) + 7919  # unseen phantoms
     got = _Collected()
@@ -144,16 +153,17 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
             else:
                 analysis = segment_volume(loaded.ct, network, options)
                 _score(got, loaded.case_id, spec.kind, analysis.labels, loaded.labels, spacing_kji)
-                cands, refs, excl = _froc_inputs(loaded, analysis, options)
+                cands, refs, excl = froc_inputs(loaded, analysis.prob, analysis.heatmap, options.postprocess)
                 got.scans.append(loaded.case_id)
+                got.seriesuids[loaded.case_id] = case.metadata.get("seriesuid", loaded.case_id)
                 got.candidates[loaded.case_id], got.references[loaded.case_id] = cands, refs
                 got.excluded[loaded.case_id] = excl
             if progress:
                 progress(f"PROGRESS {n}/{len(cases)} {spec.kind}")
-    return _report(cfg, card, split, got)
+    return _report(cfg, options, card, split, got)
 
 
-def _report(cfg: EvaluateConfig, card, split, got: _Collected) -> dict:
+def _report(cfg: EvaluateConfig, options, card, split, got: _Collected) -> dict:
     from glance_training.froc import evaluate_froc, plot_froc
     from glance_training.metrics import summarize, summarize_cases
 
@@ -162,7 +172,8 @@ def _report(cfg: EvaluateConfig, card, split, got: _Collected) -> dict:
         "split": {"evaluated": cfg.split, "fractions": split.fractions, "seed": split.seed,
                   "held_out": split.held_out},
         "data": cfg.data,
-        "thresholds": {"segmentation": cfg.seg_threshold, "detection": cfg.det_threshold},
+        "thresholds": {"segmentation": options.postprocess.seg_threshold,
+                       "detection": options.postprocess.det_threshold, "source": options.threshold_sources},
         "conventions": {
             "hd95": "symmetric 95th percentile of surface distances (boundary voxels, voxel centres, mm)",
             "empty_masks": "both empty: Dice 1, HD95 0; one empty: Dice 0, HD95 inf (left out of means, counted)",
@@ -181,18 +192,23 @@ def _report(cfg: EvaluateConfig, card, split, got: _Collected) -> dict:
                              n_bootstrap=cfg.n_bootstrap)
         report["detection"] = froc.to_dict()
         plot_froc(froc, out / "froc.png", title=f"{card.name}@{card.version}")
-    _write(out, report, got.rows)
+    _write(out, report, got)
     return report
 
 
-def _write(out: Path, report: dict, rows: list[dict]) -> None:
+def _write(out: Path, report: dict, got: _Collected) -> None:
     from glance.io import atomic_write_text
     from glance.report import write_report_json
+    from glance_training.froc import candidates_csv
 
     write_report_json(out / "evaluation.json", report)
-    if rows:
+    if got.scans:
+        scans = {scan: got.candidates[scan] for scan in got.scans}
+        atomic_write_text(out / CANDIDATES_FILE, candidates_csv(scans, got.seriesuids))
+        atomic_write_text(out / SERIESUIDS_FILE, "".join(f"{got.seriesuids[s]}\n" for s in scans))
+    if got.rows:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(buf, fieldnames=list(got.rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(got.rows)
         atomic_write_text(out / "nodules.csv", buf.getvalue())

@@ -4,8 +4,9 @@ Follows the official LUNA16 evaluation script (``noduleCADEvaluationLUNA16.py``)
 
 * A candidate **hits** a finding when its distance to the finding's centre is strictly less
   than the finding's radius (``dist**2 < (diameter / 2)**2``): a candidate exactly at the
-  radius is not a hit. A finding with a negative or NaN diameter gets 10 mm (LUNA16's
-  rule for excluded findings that have no measured size).
+  radius is not a hit. A finding without a size gets 10 mm, LUNA16's rule for excluded
+  findings that have no measured size (-1 in its CSVs): here any diameter <= 0 or NaN,
+  since the dataset readers store an unknown size as 0 (a real finding is never 0 mm).
 * Each nodule counts once: its score is the highest score among the candidates hitting it;
   the other candidates hitting it are ignored (neither TP nor FP). A candidate hitting two
   nodules detects both.
@@ -23,6 +24,9 @@ Follows the official LUNA16 evaluation script (``noduleCADEvaluationLUNA16.py``)
   target (np.interp returns the top of a vertical step); where a TP and an FP share a score
   the curve has a diagonal segment and np.interp interpolates along it. Past the curve's
   last point the last sensitivity is used.
+* Candidates files: :func:`candidates_csv` writes the LUNA16 submission format
+  (``seriesuid,coordX,coordY,coordZ,probability``, world mm = LPS, one row per scored
+  candidate) that the official script reads; :func:`read_candidates_csv` reads it back.
 * Bootstrap CI: scans are resampled with replacement (numpy ``default_rng(seed)``), the curve
   is recomputed on each resample and the CI is the percentile interval (np.quantile, linear)
   of the CPM and of each operating point's sensitivity. Resamples without nodules are skipped.
@@ -30,6 +34,8 @@ Follows the official LUNA16 evaluation script (``noduleCADEvaluationLUNA16.py``)
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import math
 from dataclasses import dataclass, field
@@ -41,6 +47,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 CPM_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
 DEFAULT_MAX_CANDIDATES = 100
 UNSIZED_FINDING_DIAMETER_MM = 10.0
 
@@ -56,7 +63,7 @@ class Finding:
     """A reference nodule or an excluded finding."""
 
     centre: tuple[float, float, float]  # LPS mm
-    diameter: float  # mm; < 0 means unknown (treated as 10 mm)
+    diameter: float  # mm; <= 0 or NaN means unknown (treated as 10 mm)
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,7 @@ class FrocResult:
 def _finding_arrays(findings: Sequence[Finding]) -> tuple[np.ndarray, np.ndarray]:
     centres = np.array([f.centre for f in findings], dtype=np.float64).reshape(-1, 3)
     diameters = np.array([f.diameter for f in findings], dtype=np.float64)
-    diameters = np.where(diameters >= 0, diameters, UNSIZED_FINDING_DIAMETER_MM)  # also NaN
+    diameters = np.where(diameters > 0, diameters, UNSIZED_FINDING_DIAMETER_MM)  # also NaN
     return centres, (diameters / 2.0) ** 2
 
 
@@ -134,6 +141,17 @@ def _hits(positions: np.ndarray, findings: Sequence[Finding]) -> np.ndarray:
     centres, radius_sq = _finding_arrays(findings)
     dist_sq = ((positions[:, None, :] - centres[None, :, :]) ** 2).sum(axis=-1)
     return dist_sq < radius_sq[None, :]
+
+
+def _kept(scores: np.ndarray, max_candidates: int) -> np.ndarray:
+    """Indices of the ``max_candidates`` best scores, best first, ties in input order."""
+    return np.argsort(-scores, kind="stable")[:max_candidates]
+
+
+def top_candidates(candidates: Sequence[Candidate], max_candidates: int = DEFAULT_MAX_CANDIDATES) -> list[Candidate]:
+    """The candidates of a scan that the FROC scores (see :func:`match_scan`), best first."""
+    scores = np.array([c.score for c in candidates], dtype=np.float64)
+    return [candidates[i] for i in _kept(scores, max_candidates)]
 
 
 def match_scan(
@@ -145,7 +163,7 @@ def match_scan(
     """Classify one scan's candidates as nodule hits, false positives or ignored."""
     scores = np.array([c.score for c in candidates], dtype=np.float64)
     positions = np.array([c.position for c in candidates], dtype=np.float64).reshape(-1, 3)
-    keep = np.argsort(-scores, kind="stable")[:max_candidates]
+    keep = _kept(scores, max_candidates)
     n_truncated = len(scores) - len(keep)
     scores, positions = scores[keep], positions[keep]
 
@@ -287,6 +305,36 @@ def evaluate_froc(
         seed=seed if cpm_ci else None,
         confidence=confidence,
     )
+
+
+def candidates_csv(
+    candidates: Mapping[str, Sequence[Candidate]],
+    seriesuids: Mapping[str, str] | None = None,
+    max_candidates: int = DEFAULT_MAX_CANDIDATES,
+) -> str:
+    """LUNA16 candidates file: a header and, per scan, the candidates the FROC scores, best first.
+
+    ``candidates`` is keyed by scan; ``seriesuids`` renames scans (default: the key).
+    Coordinates are the candidates' LPS mm (LUNA16's world coordinates), written with
+    Python's shortest exact float text so they read back to the same numbers.
+    """
+    seriesuids = seriesuids or {}
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CANDIDATE_COLUMNS)
+    for scan, cands in candidates.items():
+        uid = seriesuids.get(scan, scan)
+        for c in top_candidates(cands, max_candidates):
+            writer.writerow([uid, *(repr(float(v)) for v in c.position), repr(float(c.score))])
+    return buf.getvalue()
+
+
+def read_candidates_csv(path: str | Path) -> dict[str, list[Candidate]]:
+    """{seriesuid: candidates} from a LUNA16 candidates file (``glance evaluate``'s ``candidates.csv``)."""
+    from glance_training.datasets.luna import read_luna_csv
+
+    return {uid: [Candidate(position, score) for position, score in rows]
+            for uid, rows in read_luna_csv(path, "probability").items()}
 
 
 def plot_froc(result: FrocResult, path: str | Path, title: str = "FROC") -> Path:

@@ -57,6 +57,9 @@ class TrainConfig:
     # Dice over the whole batch (eq. 10 summed over samples): nodule-free patches then do not
     # each pull every pixel to zero, which otherwise stalls learning on 2 % foreground.
     batch_dice: bool = True
+    # After registration, choose the model's default thresholds on the validation patients
+    # (glance_training.calibrate) and store them in its card.
+    calibrate: bool = True
     seed: int = 0
     device: str = "auto"
     workers: int = 0
@@ -412,4 +415,19 @@ def register(trainer: Trainer, out: Path | None = None) -> Path:
         provenance={"glance_version": __import__("glance").__version__, "torch": torch.__version__,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     )
-    return save_model(trainer.model, out, card)
+    folder = save_model(trainer.model, out, card)
+    if cfg.calibrate:
+        _calibrate(folder, cfg)
+    return folder
+
+
+def _calibrate(folder: Path, cfg: TrainConfig) -> None:
+    from glance_training.calibrate import CalibrationConfig, calibrate, write_to_card
+
+    try:
+        result = calibrate(CalibrationConfig(str(folder), list(cfg.data), device=cfg.device))
+    except GlanceError as exc:  # e.g. no labelled validation case: the model stays usable at the defaults
+        log.warning("%s: thresholds not calibrated (%s); the built-in defaults apply", folder, exc)
+        return
+    write_to_card(folder, result)
+    log.info("calibrated thresholds: segmentation %.2f, detection %.2f", result.segmentation, result.detection)

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("glance.cli.models", "list the registered model versions"),
     "train": ("glance.cli.train", "train or fine-tune a model"),
     "evaluate": ("glance.cli.evaluate", "score a model on labelled data"),
+    "calibrate": ("glance.cli.calibrate", "choose a model's default thresholds on validation data"),
     "bench": ("glance.cli.bench", "time each stage of segmentation"),
 }
 

@@ -35,25 +35,32 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seg-threshold", type=float, help="nodule probability threshold (default 0.5)")
-    parser.add_argument("--det-threshold", type=float, help="centre heatmap threshold (default 0.3)")
+    parser.add_argument("--seg-threshold", type=float,
+                        help="nodule probability threshold (default: the model's calibrated value, else 0.5)")
+    parser.add_argument("--det-threshold", type=float,
+                        help="centre heatmap threshold (default: the model's calibrated value, else 0.3)")
+
+
+def threshold_arguments(args: argparse.Namespace) -> dict[str, float | None]:
+    """The thresholds given on the command line (None where not given), checked."""
+    from glance.errors import GlanceError
+
+    given = {}
+    for flag in ("seg_threshold", "det_threshold"):
+        value = getattr(args, flag)
+        if value is not None and not 0.0 < value < 1.0:
+            raise GlanceError(f"--{flag.replace('_', '-')} must be between 0 and 1, got {value}")
+        given[flag] = value
+    return given
 
 
 def postprocess_config(args: argparse.Namespace, base=None):
     from dataclasses import replace
 
-    from glance.errors import GlanceError
     from glance.postprocess import PostprocessConfig
 
-    cfg = base or PostprocessConfig()
-    for flag, field in (("seg_threshold", "seg_threshold"), ("det_threshold", "det_threshold")):
-        value = getattr(args, flag)
-        if value is None:
-            continue
-        if not 0.0 < value < 1.0:
-            raise GlanceError(f"--{flag.replace('_', '-')} must be between 0 and 1, got {value}")
-        cfg = replace(cfg, **{field: value})
-    return cfg
+    given = {k: v for k, v in threshold_arguments(args).items() if v is not None}
+    return replace(base or PostprocessConfig(), **given)
 
 
 def progress_reporter(lines: bool):
@@ -95,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     options = SegmentOptions(
         model=args.model,
         inference=InferenceOptions(args.device, args.batch, args.precision, args.threads),
-        postprocess=postprocess_config(args),
+        **threshold_arguments(args),
         series_uid=args.series,
         max_voxels=args.max_voxels,
         snapshots=not args.no_snapshots,

@@ -14,9 +14,10 @@ _OVERRIDES = {"name": str, "preset": str, "ablation": str, "base_model": str, "e
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="training config JSON (fields of TrainConfig)")
-    parser.add_argument("--data", action="append", default=[], metavar="KIND:PATH",
+    parser.add_argument("--data", action="append", default=[], metavar="KIND:PATH[,NAME=VALUE][@WEIGHT]",
                         help="training data source, repeatable (maxslice:, crops3d:, local:, lidc:, luna:, "
-                             "tianchi:, lndb:, phantom:N)")
+                             "tianchi:, lndb:, phantom:N); options: luna:DIR,annotations=CSV,excluded=CSV "
+                             "and tianchi:DIR,annotations=CSV (see glance_training/data.py)")
     parser.add_argument("--cases", action="append", default=[], metavar="DIR",
                         help="reviewed cases exported from Slicer (same as --data local:DIR)")
     for name, kind in _OVERRIDES.items():
@@ -24,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", help="checkpoints, history.csv and curves.png (default: a new folder)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     parser.add_argument("--out", help="write the model version to this folder instead of the registry")
+    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=None,
+                        help="do not choose the new model's thresholds on the validation patients")
     parser.add_argument("--progress-lines", action="store_true", help="PROGRESS and METRIC lines on stdout")
 
 
@@ -31,7 +34,7 @@ def build_config(args: argparse.Namespace):
     from glance_training.train import TrainConfig
 
     cfg = TrainConfig.from_json(args.config) if args.config else TrainConfig()
-    overrides = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in (*_OVERRIDES, "calibrate") if getattr(args, k) is not None}
     data = list(cfg.data) + list(args.data) + [f"local:{d}" for d in args.cases]
     cfg = replace(cfg, **overrides, data=data)
     return cfg

@@ -3,6 +3,8 @@
 ``read_volume`` is the one entry point for reading a CT: a DICOM folder, a
 single DICOM file (its series is read from the same folder), or an NRRD,
 NIfTI or MetaImage file. The result is always int16 HU with LPS geometry.
+``read_seg_nrrd`` reads Slicer's segmentation files; ``place_on_grid`` puts an
+instance label map onto a CT's grid.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from glance.io.dicom_read import SeriesInfo, list_series, read_dicom_file, read_
 from glance.io.geometry import CanonicalGrid, axial_axis, canonical_grid, to_canonical
 from glance.io.image_read import image_format, read_image_file, read_label_map
 from glance.io.image_write import to_sitk, write_image
+from glance.io.seg_nrrd import Segment, SegNrrd, place_on_grid, read_seg_nrrd
 from glance.io.validate import default_max_voxels
 from glance.volume import Volume
 
 __all__ = [
-    "CanonicalGrid", "OutputFolder", "SeriesInfo", "atomic_path", "atomic_write_bytes",
-    "atomic_write_text", "axial_axis", "canonical_grid", "default_max_voxels", "list_series",
-    "read_label_map", "read_volume", "select_series", "to_canonical", "to_sitk", "write_image",
+    "CanonicalGrid", "OutputFolder", "SegNrrd", "Segment", "SeriesInfo", "atomic_path", "atomic_write_bytes",
+    "atomic_write_text", "axial_axis", "canonical_grid", "default_max_voxels", "list_series", "place_on_grid",
+    "read_label_map", "read_seg_nrrd", "read_volume", "select_series", "to_canonical", "to_sitk", "write_image",
 ]
 
 

@@ -341,25 +341,38 @@ def _check_pixel_format(path: Path, ds: Dataset, rows: int, cols: int) -> None:
 def _decode(path: Path, ds: Dataset) -> np.ndarray:
     """Stored pixel values, decoding compressed transfer syntaxes with pydicom's plugins."""
     syntax = _transfer_syntax(path, ds)
-    if syntax.is_compressed:
-        from pydicom.pixels import get_decoder
-
-        try:
-            available = get_decoder(syntax).is_available
-        except NotImplementedError:
-            available = False
-        if not available:
-            raise InputError(f"{path}: no installed decoder for transfer syntax {syntax.name} ({syntax})")
+    if syntax.is_compressed and not _decoder_available(syntax):
+        raise InputError(f"{path}: no installed decoder for transfer syntax {syntax.name} ({syntax})")
     try:
         return ds.pixel_array
     except Exception as err:
         raise InputError(f"{path}: pixel data cannot be decoded ({syntax.name}): {_reason(err)}") from err
 
 
+def _decoder_available(syntax: UID) -> bool:
+    """Whether an installed pydicom plugin (pylibjpeg, pyjpegls, Pillow, GDCM...) decodes ``syntax``."""
+    try:
+        from pydicom.pixels import get_decoder  # pydicom >= 3
+    except ImportError:
+        # pydicom 2.x (Slicer 5.10 ships 2.4.4) decodes through its pixel data handlers;
+        # Dataset.pixel_array uses the first available one that supports the syntax.
+        from pydicom import config
+
+        return any(h.is_available() and h.supports_transfer_syntax(syntax) for h in config.pixel_data_handlers)
+    try:
+        return get_decoder(syntax).is_available
+    except NotImplementedError:  # a syntax pydicom has no decoder for at all (e.g. MPEG2)
+        return False
+
+
 def _transfer_syntax(path: Path, ds: Dataset) -> UID:
     """The file's transfer syntax, if it is one pydicom knows (a private or unknown one is refused)."""
     syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
-    if not syntax.is_transfer_syntax:
+    try:
+        known = syntax.is_transfer_syntax
+    except ValueError:  # pydicom 2.x raises for a private (or empty) UID where 3.x answers False
+        known = False
+    if not known:
         raise InputError(f"{path}: unknown transfer syntax {str(syntax)[:64]!r}")
     return syntax
 

@@ -14,17 +14,22 @@ place, so a reader never sees half a series.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from glance.errors import InputError
 from glance.volume import Volume
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +83,7 @@ def write_dicom_series(volume: Volume, out_dir: str | Path, uid_seed: str,
         for k in range(hu.shape[0]):
             ds = _slice_dataset(volume, hu[k], k, info, study, series, frame, sops[k])
             name = f"IM{k + 1:05d}.dcm"
-            ds.save_as(tmp / name, enforce_file_format=True)
+            save_dicom_file(ds, tmp / name)
             files.append(out_dir / name)
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -86,6 +91,27 @@ def write_dicom_series(volume: Volume, out_dir: str | Path, uid_seed: str,
         raise
     log.info("wrote %d DICOM slices to %s", len(files), out_dir)
     return WrittenSeries(out_dir, files, study, series, frame, sops)
+
+
+def save_dicom_file(ds: Dataset, path: str | Path) -> None:
+    """Write ``ds`` as a DICOM Part 10 file: preamble, then file meta checked and completed by pydicom.
+
+    The file meta's TransferSyntaxUID decides how the data set is encoded, as in
+    pydicom 3. Works on pydicom 2.4 (Slicer 5.10 ships 2.4.4) and 3.x.
+    """
+    if "enforce_file_format" in inspect.signature(ds.save_as).parameters:  # pydicom >= 3
+        ds.save_as(path, enforce_file_format=True)
+        return
+    # pydicom 2.x: write_like_original=False writes the same format, but it would rewrite the
+    # TransferSyntaxUID from is_implicit_VR / is_little_endian (True, True for a new FileDataset,
+    # or as read), so those follow the file meta first.
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    syntax = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
+    if not syntax.is_private and syntax.is_transfer_syntax:  # 2.x raises on a private UID
+        ds.is_implicit_VR, ds.is_little_endian = syntax.is_implicit_VR, syntax.is_little_endian
+    ds.save_as(path, write_like_original=False)
 
 
 def _as_int16(array: np.ndarray, out_dir: Path) -> np.ndarray:

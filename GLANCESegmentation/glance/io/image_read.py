@@ -74,21 +74,33 @@ def _read_checked(path: Path, max_voxels: int | None) -> tuple[sitk.Image, str]:
         raise InputError(f"{path}: unsupported file type (use DICOM, .nrrd, .nhdr, .nii, .nii.gz, .mhd, .mha)")
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    reader = _read_header(path, max_voxels)
+    reader = _checked_header(path, max_voxels)
     try:
         return reader.Execute(), fmt
     except RuntimeError as err:
-        raise InputError(f"{path}: cannot read the image data ({_itk_message(err)})") from err
+        raise InputError(f"{path}: cannot read the image data ({itk_message(err)})") from err
 
 
-def _read_header(path: Path, max_voxels: int | None) -> sitk.ImageFileReader:
-    """Header only; refuses what must not be loaded."""
+def read_header(path: Path, problem: str = "cannot read the image header", image_io: str = "") -> sitk.ImageFileReader:
+    """A SimpleITK reader of ``path`` that has read the header only; no pixel data is read yet.
+
+    ``image_io`` names the ITK ImageIO to use (default: chosen by ITK from the file). A header
+    ITK cannot read raises ``InputError("<path>: <problem> (<ITK's message>)")``.
+    """
     reader = sitk.ImageFileReader()
+    if image_io:
+        reader.SetImageIO(image_io)
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as err:
-        raise InputError(f"{path}: cannot read the image header ({_itk_message(err)})") from err
+        raise InputError(f"{path}: {problem} ({itk_message(err)})") from err
+    return reader
+
+
+def _checked_header(path: Path, max_voxels: int | None) -> sitk.ImageFileReader:
+    """Header only; refuses what must not be loaded."""
+    reader = read_header(path)
     size = reader.GetSize()
     check_3d(path, size)
     if reader.GetNumberOfComponents() != 1:
@@ -151,7 +163,7 @@ def _nifti_bytes(header: bytes) -> int | None:
     return max(offset, version + 4) + int(np.prod(dim[1:n_dims + 1], dtype=object)) * bitpix // 8
 
 
-def _itk_message(err: Exception) -> str:
+def itk_message(err: Exception) -> str:
     """The informative line of a multi-line ITK exception."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     useful = [ln for ln in lines if "ITK ERROR" in ln] or lines[-1:]

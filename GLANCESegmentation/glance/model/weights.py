@@ -1,71 +1,39 @@
-"""Model files: weights as safetensors plus a JSON model card. Loading never unpickles.
+"""Model weights: safetensors files checked against their model card. Loading never unpickles.
 
-A model version is a folder holding ``card.json`` and ``model.safetensors``.
-The card records the network config, the preprocessing the weights expect,
-training data, metrics and provenance, and the SHA-256 of the weights file, so
-a card and weights that do not belong together are refused.
+A model version is a folder holding ``card.json`` (``glance.model.card``) and
+``model.safetensors``. The card records the SHA-256 of the weights file, so a
+card and weights that do not belong together are refused.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from glance.errors import ModelError
-from glance.model.config import GlanceConfig
+from glance.model.card import (
+    CARD_FILE,
+    CARD_FORMAT,
+    CARD_VERSION,
+    NOT_FOR_CLINICAL_USE,
+    WEIGHTS_FILE,
+    ModelCard,
+    Preprocessing,
+    read_card,
+    recommended_thresholds,
+)
 from glance.model.glance import GlanceNet
 
+# The card's names stay importable from here, where they lived before glance.model.card.
+__all__ = [
+    "CARD_FILE", "CARD_FORMAT", "CARD_VERSION", "NOT_FOR_CLINICAL_USE", "WEIGHTS_FILE", "ModelCard",
+    "Preprocessing", "load_model", "read_card", "recommended_thresholds", "save_model",
+]  # fmt: skip
+
 log = logging.getLogger(__name__)
-
-CARD_FORMAT = "glance-model-card"
-CARD_VERSION = 1
-CARD_FILE = "card.json"
-WEIGHTS_FILE = "model.safetensors"
-NOT_FOR_CLINICAL_USE = (
-    "Research software. Not a medical device and not for clinical use: every finding "
-    "must be reviewed by a qualified radiologist."
-)
-
-
-@dataclass
-class Preprocessing:
-    window_hu: tuple[float, float] = (-1000.0, 400.0)
-    pixel_spacing_mm: float = 0.7  # in-plane resampling before the network
-    context_slices: int = 0  # k: the network sees 2k+1 neighbouring slices
-    lung_crop: bool = True
-
-
-@dataclass
-class ModelCard:
-    name: str
-    version: str
-    config: dict
-    preprocessing: dict = field(default_factory=lambda: asdict(Preprocessing()))
-    training: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-    provenance: dict = field(default_factory=dict)
-    intended_use: str = NOT_FOR_CLINICAL_USE
-    weights_file: str = WEIGHTS_FILE
-    weights_sha256: str = ""
-    dtype: str = "float16"
-    format: str = CARD_FORMAT
-    card_version: int = CARD_VERSION
-
-    @property
-    def glance_config(self) -> GlanceConfig:
-        return GlanceConfig.from_dict(self.config)
-
-    @property
-    def prep(self) -> Preprocessing:
-        return Preprocessing(**{**self.preprocessing, "window_hu": tuple(self.preprocessing["window_hu"])})
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
 
 
 def _sha256(path: Path) -> str:
@@ -98,27 +66,6 @@ def save_model(model: GlanceNet, directory: str | Path, card: ModelCard, dtype: 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # Integer buffers (BatchNorm's num_batches_tracked) keep their type.
     return t.to(dtype) if t.is_floating_point() else t
-
-
-def read_card(directory: str | Path) -> ModelCard:
-    path = Path(directory) / CARD_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{path}: no model card") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path}: unreadable model card ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != CARD_FORMAT:
-        raise ModelError(f"{path}: not a GLANCE model card")
-    if data.get("card_version") != CARD_VERSION:
-        raise ModelError(f"{path}: card version {data.get('card_version')!r} is not supported "
-                         f"(this GLANCE reads version {CARD_VERSION})")
-    try:
-        card = ModelCard(**data)
-        card.glance_config  # validates the config
-    except (TypeError, ValueError) as exc:
-        raise ModelError(f"{path}: invalid model card ({exc})") from None
-    return card
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GlanceNet, ModelCard]:

@@ -6,8 +6,9 @@ training loop holds only the few cases its sampler has cached.
 
 Local cases are what the segmentation module exports after review: one folder per
 case holding the CT (DICOM series, NRRD, NIfTI, MHD/MHA) and its nodule
-segmentation as a Slicer ``.seg.nrrd``, a DICOM-SEG, or a label-map volume
-(NRRD/NIfTI/MHA whose file name contains ``label``, ``mask`` or ``seg``).
+segmentation as a Slicer ``.seg.nrrd`` (:func:`glance.io.read_seg_nrrd`; segment n of the
+file becomes label n + 1, the later segment winning where two overlap), a DICOM-SEG, or a
+label-map volume (NRRD/NIfTI/MHA whose file name contains ``label``, ``mask`` or ``seg``).
 """
 
 from __future__ import annotations
@@ -160,99 +161,10 @@ def nodules_from_labels(ct: Volume, labels: np.ndarray | None) -> list[Annotatio
 
 
 def resample_labels(labels: Volume, ct: Volume) -> np.ndarray:
-    """A label volume on its own grid, put onto ``ct``'s grid (nearest neighbour)."""
-    same_grid = (
-        labels.shape == ct.shape
-        and np.allclose(labels.spacing, ct.spacing, atol=1e-4)
-        and np.allclose(labels.origin, ct.origin, atol=1e-3)
-        and np.allclose(labels.direction, ct.direction, atol=1e-5)
-    )
-    if same_grid:
-        return np.asarray(labels.array, dtype=np.uint16)
-    import SimpleITK as sitk
+    """A label volume on its own grid, on ``ct``'s grid: pasted where the voxels coincide, else nearest neighbour."""
+    from glance.io import place_on_grid
 
-    moving = sitk.GetImageFromArray(np.asarray(labels.array, dtype=np.uint16))
-    moving.SetSpacing(labels.spacing)
-    moving.SetOrigin(labels.origin)
-    moving.SetDirection(labels.direction.ravel().tolist())
-    # An empty reference image carries the CT grid without copying the CT.
-    reference = sitk.Image([int(s) for s in ct.shape[::-1]], sitk.sitkUInt8)
-    reference.SetSpacing(ct.spacing)
-    reference.SetOrigin(ct.origin)
-    reference.SetDirection(ct.direction.ravel().tolist())
-    out = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
-    return sitk.GetArrayFromImage(out)
-
-
-# --- Slicer .seg.nrrd --------------------------------------------------------------------
-
-
-def read_seg_nrrd(path: Path) -> tuple[Volume, list[str]]:
-    """A Slicer segmentation file as an instance label volume (segment n -> value n) and segment names.
-
-    Reads Slicer's layout: 3D, or 4D with the first axis a list of layers; per segment
-    the header keys ``SegmentN_Layer`` and ``SegmentN_LabelValue`` (older files: one
-    binary layer per segment). Geometry is converted from the file's space to LPS.
-    """
-    import nrrd
-
-    try:
-        data, header = nrrd.read(str(path), index_order="F")
-    except Exception as exc:  # pynrrd raises several unrelated types on bad files
-        raise InputError(f"{path}: not a readable NRRD ({exc})") from exc
-    directions = np.asarray(header.get("space directions"), dtype=object)
-    kinds = list(header.get("kinds", []))
-    layered = data.ndim == 4
-    if layered and kinds and kinds[0] not in ("list", "vector", "complex", "point", "covariant-vector"):
-        raise InputError(f"{path}: 4D segmentation whose first axis is not a list of layers")
-    if data.ndim not in (3, 4):
-        raise InputError(f"{path}: segmentation must be 3D or 4D, got {data.ndim}D")
-    rows = [r for r in directions if r is not None and not _is_none_row(r)]
-    axes = np.array(rows, dtype=np.float64)  # row n = step of index axis n in file space
-    origin = np.asarray(header.get("space origin", (0, 0, 0)), dtype=np.float64)
-    space = str(header.get("space", "left-posterior-superior")).lower()
-    if space in ("right-anterior-superior", "ras"):
-        flip = np.array([-1.0, -1.0, 1.0])
-        axes, origin = axes * flip, origin * flip
-    elif space not in ("left-posterior-superior", "lps"):
-        raise InputError(f"{path}: unsupported NRRD space '{space}'")
-    spacing = np.linalg.norm(axes, axis=1)
-    direction = (axes / spacing[:, None]).T
-
-    layers = data if layered else data[None]
-    names, labels = _segments_to_instances(path, header, layers)
-    # NRRD index order is (i, j, k); the engine indexes (k, j, i).
-    vol = Volume(np.ascontiguousarray(labels.transpose(2, 1, 0)), tuple(spacing), tuple(origin), direction)
-    return vol, names
-
-
-def _is_none_row(row) -> bool:
-    arr = np.asarray(row, dtype=np.float64)
-    return bool(np.all(np.isnan(arr)))
-
-
-def _segments_to_instances(path: Path, header: dict, layers: np.ndarray) -> tuple[list[str], np.ndarray]:
-    ids = sorted(
-        {int(key[len("Segment"):].split("_", 1)[0]) for key in header if key.startswith("Segment") and "_" in key
-         and key[len("Segment"):].split("_", 1)[0].isdigit()}
-    )
-    labels = np.zeros(layers.shape[1:], dtype=np.uint16)
-    names = []
-    if not ids:  # plain label map saved with a .seg.nrrd name
-        for value in np.unique(layers[0])[1:]:
-            labels[layers[0] == value] = len(names) + 1
-            names.append(f"Segment_{value}")
-        return names, labels
-    for n in ids:
-        # Files without layer keys (before Slicer 4.11) hold one layer per segment.
-        default_layer = n if layers.shape[0] == len(ids) else 0
-        layer = int(header.get(f"Segment{n}_Layer", default_layer))
-        value = int(header.get(f"Segment{n}_LabelValue", 1))
-        if layer >= layers.shape[0]:
-            raise InputError(f"{path}: Segment{n} refers to layer {layer} of {layers.shape[0]}")
-        names.append(str(header.get(f"Segment{n}_Name", f"Segment_{n}")))
-        labels[layers[layer] == value] = len(names)
-    return names, labels
+    return place_on_grid(labels, ct, resample=True)
 
 
 # --- local cases folder ------------------------------------------------------------------
@@ -300,8 +212,9 @@ def _local_case(files: _LocalFiles, source: str, patient_id: str) -> Case:
 def read_segmentation(path: Path, kind: str, ct: Volume) -> np.ndarray:
     """Instance label map of a segmentation file on ``ct``'s grid."""
     if kind == "seg.nrrd":
-        vol, _ = read_seg_nrrd(path)
-        return resample_labels(vol, ct)
+        from glance.io import read_seg_nrrd
+
+        return resample_labels(read_seg_nrrd(path).instance_map(), ct)
     if kind == "dicom-seg":
         from glance.dicomseg import read_dicom_seg
 

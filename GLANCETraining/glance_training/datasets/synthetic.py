@@ -10,12 +10,18 @@ background is still that patient for the split. Real nodule crops of held-out pa
 are refused by default (``exclude_patients``): the five 3D crops of ``shared/data`` all
 come from the reserved scans LIDC-IDRI-0001 and -0003, so they may not be inserted into
 training backgrounds.
+
+Benchmarks that build the same phantom sources several times (one training per variant)
+generate each phantom once inside :func:`phantom_cache`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +64,54 @@ class _Generated:
         return found
 
 
+@dataclass
+class PhantomCache:
+    """The phantoms generated inside one :func:`phantom_cache` context, and what they cost."""
+
+    generated: int = 0  # phantoms generated (each config once)
+    seconds: float = 0.0  # time spent generating them
+    _phantoms: dict[str, tuple] = field(default_factory=dict, repr=False)
+
+
+_cache: PhantomCache | None = None
+
+
+@contextmanager
+def phantom_cache() -> Iterator[PhantomCache]:
+    """While open, every phantom case loaded (from any :func:`phantom_cases` source) is generated once.
+
+    A phantom is a pure function of its config (seed included), so a case loads exactly the
+    same data with or without the cache; only the generation time is saved, at the cost of
+    keeping every phantom in memory until the context closes. Cases loaded from equal configs
+    share the arrays: consumers must treat them as read-only (training and evaluation do).
+    Yields the :class:`PhantomCache` (counts and seconds); a nested context shares the outer one.
+    The cache belongs to this process: DataLoader worker processes do not share it.
+    """
+    global _cache
+    if _cache is not None:
+        yield _cache
+        return
+    _cache = PhantomCache()
+    try:
+        yield _cache
+    finally:
+        _cache = None
+
+
 def _make_phantom(config) -> tuple[Volume, np.ndarray, list[Annotation]]:
+    cache = _cache
+    if cache is None:
+        return _generate_phantom(config)
+    key = repr(config)  # PhantomConfig is an unhashable dataclass of plain values; its repr is every field
+    if key not in cache._phantoms:
+        start = time.perf_counter()
+        cache._phantoms[key] = _generate_phantom(config)
+        cache.generated += 1
+        cache.seconds += time.perf_counter() - start
+    return cache._phantoms[key]
+
+
+def _generate_phantom(config) -> tuple[Volume, np.ndarray, list[Annotation]]:
     from glance.phantom import make_phantom
 
     p = make_phantom(config=config)

@@ -1,0 +1,254 @@
+"""``glance calibrate``: choose a model's operating point on validation data and store it in its card.
+
+A network's probabilities are not calibrated: the shipped small model, trained with a Dice loss,
+puts nodule boundaries well below p = 0.5, so a fixed 0.5 under-segments. The thresholds that
+``glance segment`` uses by default therefore come from the model card, chosen here on the
+*validation* patients of the model's own training split (never its training or test patients):
+
+* segmentation threshold: the one with the best mean per-nodule Dice, where each data source
+  counts equally (so 200 small 2D crops cannot pick a value that breaks full-volume
+  segmentation on the phantoms). Crops score the network's segmentation alone, volumes the
+  whole pipeline, exactly as ``glance evaluate`` does. Ties go to the higher threshold.
+* detection threshold (on the centre heatmap's peaks): the highest one that keeps at least
+  ``target_sensitivity`` of the sensitivity reachable at any threshold (each source counting
+  equally). Relative, because a nodule the network misses at every threshold cannot be bought
+  back by lowering it, and a reading aid should lose few of the ones it can find. A nodule in a
+  crop is found when the heatmap peaks at or above the threshold inside its mask; in a volume,
+  when a candidate of the pipeline hits it by the LUNA16 rule. False positives per scan at that
+  threshold are reported for the volumes (phantoms have far fewer look-alikes than real lungs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from glance.errors import GlanceError
+
+log = logging.getLogger(__name__)
+
+SEG_GRID = tuple(round(0.05 * n, 2) for n in range(1, 11))  # 0.05 .. 0.50
+DET_GRID = tuple(round(0.05 * n, 2) for n in range(1, 20))  # 0.05 .. 0.95
+
+
+@dataclass
+class CalibrationConfig:
+    model: str | None = None
+    data: list[str] = field(default_factory=list)
+    split: str = "val"  # val (default) | all; never test: test numbers must not choose thresholds
+    target_sensitivity: float = 0.9
+    seg_grid: tuple[float, ...] = SEG_GRID
+    det_grid: tuple[float, ...] = DET_GRID
+    device: str = "auto"
+    batch: int = 8
+    max_cases: int = 0
+
+
+@dataclass
+class SourceCurves:
+    """Per-threshold results of one data source."""
+
+    spec: str
+    volumetric: bool
+    dice: dict[float, float] = field(default_factory=dict)  # seg threshold -> mean per-nodule Dice
+    sensitivity: dict[float, float] = field(default_factory=dict)  # det threshold -> fraction found
+    fp_per_scan: dict[float, float] = field(default_factory=dict)  # det threshold -> (volumes only)
+    n_nodules: int = 0
+    n_cases: int = 0
+
+
+@dataclass
+class Calibration:
+    segmentation: float
+    detection: float
+    sources: list[SourceCurves]
+    config: CalibrationConfig
+
+    def at(self, curve: str, threshold: float) -> dict[str, float]:
+        return {s.spec: getattr(s, curve)[threshold] for s in self.sources if threshold in getattr(s, curve)}
+
+    def card_entry(self) -> dict:
+        """The card's ``thresholds`` object: the values and how they were chosen."""
+        return {
+            "segmentation": self.segmentation,
+            "detection": self.detection,
+            "calibration": {
+                "data": self.config.data,
+                "split": self.config.split,
+                "rule": (f"segmentation: best mean per-nodule Dice (sources weighted equally); detection: "
+                         f"highest heatmap threshold keeping >= {self.config.target_sensitivity:g} of the sensitivity "
+                         f"reachable at any threshold (sources weighted equally)"),
+                "dice_at_segmentation": self.at("dice", self.segmentation),
+                "sensitivity_at_detection": self.at("sensitivity", self.detection),
+                "fp_per_scan_at_detection": self.at("fp_per_scan", self.detection),
+                "n_nodules": {s.spec: s.n_nodules for s in self.sources},
+            },
+        }
+
+    def to_dict(self) -> dict:
+        return {"thresholds": self.card_entry(), "curves": [asdict(s) for s in self.sources]}
+
+
+@dataclass
+class CaseMaps:
+    """One labelled case with the network's maps, kept for both calibration passes."""
+
+    loaded: object  # glance_training.datasets.LoadedCase
+    prob: np.ndarray
+    heat: np.ndarray
+
+
+def calibrate(cfg: CalibrationConfig, progress=None) -> Calibration:
+    from glance.infer import InferenceOptions
+    from glance.pipeline import SegmentOptions, load_network
+
+    if cfg.split not in ("val", "all"):
+        raise GlanceError(f"calibration uses validation data: --split must be val or all, got {cfg.split!r}")
+    if not cfg.data:
+        raise GlanceError("no calibration data: give --data KIND:PATH")
+    if not 0.0 < cfg.target_sensitivity <= 1.0:
+        raise GlanceError(f"--target-sensitivity must be in (0, 1], got {cfg.target_sensitivity}")
+    inference = InferenceOptions(cfg.device, cfg.batch)
+    network = load_network(SegmentOptions(model=cfg.model, inference=inference))
+    groups = [_predict_source(spec, cfg, network, inference, progress) for spec in cfg.data]
+    return choose_thresholds(groups, cfg)
+
+
+def choose_thresholds(groups: list[tuple[str, list[CaseMaps], bool]], cfg: CalibrationConfig) -> Calibration:
+    """The operating point from (spec, cases with maps, volumetric) per data source."""
+    groups = [g for g in groups if g[1]]
+    if not groups:
+        raise GlanceError(f"no labelled {cfg.split} cases in {', '.join(cfg.data)}")
+    curves = [_seg_curve(spec, cases, volumetric, cfg) for spec, cases, volumetric in groups]
+    seg = _best_segmentation([c for c in curves if c.dice], cfg.seg_grid)
+    for curve, (_, cases, volumetric) in zip(curves, groups):
+        _det_curve(curve, cases, volumetric, seg, cfg)
+    det = _best_detection(curves, cfg.det_grid, cfg.target_sensitivity)
+    log.info("calibrated: segmentation %.2f, detection %.2f", seg, det)
+    return Calibration(seg, det, curves, cfg)
+
+
+def _predict_source(spec_text: str, cfg: CalibrationConfig, network, inference, progress):
+    """(spec, [cases with maps], volumetric) of the labelled cases of one source's split."""
+    from glance.pipeline import predict_maps
+    from glance_training.evaluate import CROP_KINDS, EvaluateConfig, _cases, training_split
+
+    card = network[1]
+    seed = int(((card.training or {}).get("config") or {}).get("seed", 0))
+    spec, cases = _cases(spec_text, EvaluateConfig(split=cfg.split, max_cases=cfg.max_cases),
+                         training_split(card), seed)
+    volumetric = spec.kind not in CROP_KINDS
+    kept = []
+    for n, case in enumerate(cases, start=1):
+        loaded = case.load()
+        if _has_mask(loaded) or (volumetric and any(not a.excluded for a in loaded.nodules)):
+            prob, heat, _, _ = predict_maps(loaded.ct, network, inference, whole_image=not volumetric)
+            kept.append(CaseMaps(loaded, prob, heat))
+        if progress:
+            progress(f"PROGRESS {n}/{len(cases)} {spec.kind}")
+    log.info("%s: %d labelled %s cases", spec_text, len(kept), cfg.split)
+    return spec_text, kept, volumetric
+
+
+def _has_mask(loaded) -> bool:
+    return loaded.labels is not None and bool(loaded.labels.any())
+
+
+def _spacing_kji(loaded) -> tuple[float, float, float]:
+    return tuple(reversed(loaded.ct.spacing))
+
+
+def _seg_curve(spec: str, cases: list[CaseMaps], volumetric: bool, cfg: CalibrationConfig) -> SourceCurves:
+    from glance.pipeline import analyse_maps
+    from glance.postprocess import PostprocessConfig, raw_threshold
+    from glance_training.metrics import score_nodules
+
+    curve = SourceCurves(spec, volumetric, n_cases=len(cases))
+    lowest = min(cfg.det_grid)
+    masked = [c for c in cases if _has_mask(c.loaded)]  # centre-only findings (LUNA16) have no Dice
+    for t in cfg.seg_grid if masked else ():
+        dice = []
+        for c in masked:
+            if volumetric:  # the whole pipeline, detecting at the lowest threshold the calibration considers
+                pred, _ = analyse_maps(c.loaded.ct, c.prob, c.heat, PostprocessConfig(t, lowest))
+            else:
+                pred = c.prob >= raw_threshold(t, c.prob.dtype)
+            dice += [s.scores.dice for s in score_nodules(pred, c.loaded.labels, _spacing_kji(c.loaded))]
+        curve.dice[t] = float(np.mean(dice))
+        curve.n_nodules = len(dice)
+    return curve
+
+
+def _best_segmentation(curves: list[SourceCurves], grid) -> float:
+    if not curves:
+        raise GlanceError("no nodule masks to calibrate segmentation on")
+    mean = {t: float(np.mean([c.dice[t] for c in curves])) for t in grid}
+    return max(sorted(grid, reverse=True), key=lambda t: mean[t])  # max() keeps the first (highest) of ties
+
+
+def _det_curve(curve: SourceCurves, cases: list[CaseMaps], volumetric: bool, seg: float,
+               cfg: CalibrationConfig) -> None:
+    found, fps = [], []  # per nodule: best heatmap peak that finds it; per scan: FP peaks
+    for c in cases:
+        if volumetric:
+            nodule_scores, fp_scores = _volume_detection_scores(c, seg)
+            found += list(np.nan_to_num(nodule_scores, nan=-1.0))
+            fps.append(fp_scores)
+        else:
+            found += _crop_peak_scores(c)
+    found = np.asarray(found)
+    for t in cfg.det_grid:
+        curve.sensitivity[t] = float(np.mean(found >= t)) if len(found) else float("nan")
+        if volumetric:
+            curve.fp_per_scan[t] = float(np.mean([np.sum(f >= t) for f in fps]))
+
+
+def _crop_peak_scores(c: CaseMaps) -> list[float]:
+    """Per labelled nodule of a crop: the highest heatmap value inside its mask."""
+    from scipy import ndimage
+
+    labels = c.loaded.labels
+    ids = [int(v) for v in np.unique(labels) if v]
+    return [float(v) / 255.0 for v in ndimage.maximum(c.heat, labels, ids)]
+
+
+def _volume_detection_scores(c: CaseMaps, seg: float):
+    """(best detection score per reference nodule, NaN if missed; scores of false positives) of one
+    volume, by the LUNA16 hit rule, ranking candidates by their heatmap peak."""
+    from glance.postprocess import PostprocessConfig
+    from glance_training.evaluate import froc_inputs
+    from glance_training.froc import match_scan
+
+    outcome = match_scan(*froc_inputs(c.loaded, c.prob, c.heat, PostprocessConfig(seg_threshold=seg),
+                                      score="detection_score"))
+    return outcome.nodule_scores, outcome.fp_scores
+
+
+def _best_detection(curves: list[SourceCurves], grid, target: float) -> float:
+    usable = [c for c in curves if not math.isnan(next(iter(c.sensitivity.values()), float("nan")))]
+    if not usable:
+        raise GlanceError("no nodules to calibrate detection on")
+    relative = {t: np.mean([_relative(c, t) for c in usable]) for t in grid}
+    return max(t for t in grid if relative[t] >= target or t == min(grid))
+
+
+def _relative(curve: SourceCurves, t: float) -> float:
+    """Sensitivity at ``t`` as a share of the best this source reaches at any threshold."""
+    best = max(curve.sensitivity.values())
+    return curve.sensitivity[t] / best if best > 0 else 1.0
+
+
+def write_to_card(model_folder: str | Path, calibration: Calibration) -> Path:
+    """Store the calibrated thresholds in the model's card (the weights are untouched)."""
+    from glance.io import atomic_write_text
+    from glance.model.weights import CARD_FILE, read_card
+
+    card = read_card(model_folder)
+    card.thresholds = calibration.card_entry()
+    path = Path(model_folder) / CARD_FILE
+    atomic_write_text(path, card.to_json())
+    return path

@@ -1,0 +1,147 @@
+"""Calibration of a model's default thresholds, on maps whose right answer is known by construction."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from glance.errors import GlanceError
+from glance.volume import Volume
+
+
+def _disk(shape, centre, radius):
+    jj, ii = np.ogrid[: shape[0], : shape[1]]
+    return (jj - centre[0]) ** 2 + (ii - centre[1]) ** 2 <= radius**2
+
+
+def _u8(p: float) -> int:
+    return int(round(p * 255))
+
+
+def _crop_case(n: int):
+    """A 1-slice crop: reader mask = disk r6; p = 0.31 on the mask, 0.60 on its inner disk r4,
+    0.02 elsewhere; heatmap 0.50 at the centre. Dice is 1 for every threshold <= 0.30 and
+    |r4| * 2 / (|r4| + |r6|) above; the nodule is detected for heatmap thresholds <= 0.50."""
+    from glance_training.calibrate import CaseMaps
+    from glance_training.datasets.cases import LoadedCase
+
+    shape = (41, 41)
+    outer, inner = _disk(shape, (20, 20), 6), _disk(shape, (20, 20), 4)
+    prob = np.full(shape, _u8(0.02), np.uint8)
+    prob[outer], prob[inner] = _u8(0.31), _u8(0.60)
+    heat = np.zeros(shape, np.uint8)
+    heat[20, 20] = _u8(0.50)
+    ct = Volume(np.zeros((1, *shape), np.int16), (0.7, 0.7, 2.5))
+    loaded = LoadedCase(f"crop{n}", f"p{n}", "maxslice", ct, outer[None].astype(np.uint16), [])
+    return CaseMaps(loaded, prob[None], heat[None])
+
+
+def _ball(shape, centre, radius):
+    kk, jj, ii = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    return (kk - centre[0]) ** 2 + (jj - centre[1]) ** 2 + (ii - centre[2]) ** 2 <= radius**2
+
+
+def _volume_case():
+    """A 1 mm volume with a labelled nodule (ball r5, p = 0.60, heatmap peak 0.80) and an unlabelled
+    look-alike (ball r5, p = 0.60, heatmap peak 0.40): Dice 1 at every threshold <= 0.60, found
+    for heatmap thresholds <= 0.80, one false positive per scan at thresholds <= 0.40."""
+    from glance_training.calibrate import CaseMaps
+    from glance_training.datasets.cases import Annotation, LoadedCase
+
+    shape = (24, 48, 48)
+    ct = Volume(np.full(shape, -800, np.int16), (1.0, 1.0, 1.0))
+    nodule, other = _ball(shape, (12, 14, 14), 5), _ball(shape, (12, 34, 34), 5)
+    prob = np.zeros(shape, np.uint8)
+    prob[nodule | other] = _u8(0.60)
+    heat = np.zeros(shape, np.uint8)
+    for (k, j, i), peak in (((12, 14, 14), 0.80), ((12, 34, 34), 0.40)):
+        heat[k, j, i] = _u8(peak)
+    centre = tuple(ct.ijk_to_lps(np.array([14.0, 14.0, 12.0])))
+    loaded = LoadedCase("vol", "pv", "phantom", ct, nodule.astype(np.uint16), [Annotation(centre, 10.0, label=1)])
+    return CaseMaps(loaded, prob, heat)
+
+
+def test_crop_thresholds_are_the_highest_of_the_best():
+    from glance_training.calibrate import CalibrationConfig, choose_thresholds
+
+    cfg = CalibrationConfig(data=["crops"])
+    result = choose_thresholds([("crops", [_crop_case(n) for n in range(3)], False)], cfg)
+    inner, outer = _disk((41, 41), (20, 20), 4).sum(), _disk((41, 41), (20, 20), 6).sum()
+    curve = result.sources[0]
+    assert curve.dice[0.3] == 1.0 and curve.dice[0.05] == 1.0
+    assert curve.dice[0.35] == pytest.approx(2 * inner / (inner + outer))
+    assert result.segmentation == 0.3  # ties at Dice 1 go to the highest threshold
+    assert curve.sensitivity[0.5] == 1.0 and curve.sensitivity[0.55] == 0.0
+    assert result.detection == 0.5
+    assert curve.n_nodules == 3 and curve.fp_per_scan == {}
+
+
+def test_sources_count_equally_and_volumes_report_false_positives():
+    from glance_training.calibrate import CalibrationConfig, choose_thresholds
+
+    cfg = CalibrationConfig(data=["crops", "volumes"])
+    result = choose_thresholds([("crops", [_crop_case(n) for n in range(5)], False),
+                                ("volumes", [_volume_case()], True)], cfg)
+    crops, volumes = result.sources
+    assert volumes.dice[0.5] == pytest.approx(1.0) and volumes.n_nodules == 1
+    assert result.segmentation == 0.3  # crops need <= 0.30; the volume is perfect up to 0.60
+    assert volumes.sensitivity[0.8] == 1.0 and volumes.sensitivity[0.85] == 0.0
+    assert volumes.fp_per_scan[0.4] == 1.0 and volumes.fp_per_scan[0.45] == 0.0
+    # At 0.55 the crops lose every nodule: mean relative sensitivity (0 + 1) / 2 < 0.9.
+    assert result.detection == 0.5
+    entry = result.card_entry()
+    assert entry["segmentation"] == 0.3 and entry["detection"] == 0.5
+    assert entry["calibration"]["fp_per_scan_at_detection"] == {"volumes": 0.0}
+    assert entry["calibration"]["n_nodules"] == {"crops": 5, "volumes": 1}
+    json.dumps(result.to_dict())  # the curves file is plain JSON
+
+
+def test_relative_sensitivity_ignores_nodules_missed_at_every_threshold():
+    from glance_training.calibrate import CalibrationConfig, choose_thresholds
+
+    missed = _crop_case(9)
+    missed.heat[:] = 0  # never detected at any threshold
+    cases = [_crop_case(n) for n in range(3)] + [missed]
+    result = choose_thresholds([("crops", cases, False)], CalibrationConfig(data=["crops"]))
+    assert result.sources[0].sensitivity[0.5] == 0.75
+    assert result.detection == 0.5  # 0.75 is all that any threshold reaches
+
+
+def test_nothing_to_calibrate_on_is_one_clear_error():
+    from glance_training.calibrate import CalibrationConfig, calibrate, choose_thresholds
+
+    with pytest.raises(GlanceError, match="no labelled val cases"):
+        choose_thresholds([("crops", [], False)], CalibrationConfig(data=["crops"]))
+    with pytest.raises(GlanceError, match="--split must be val or all"):
+        calibrate(CalibrationConfig(data=["crops"], split="test"))
+
+
+def test_card_thresholds_drive_segment_defaults_and_explicit_values_win():
+    from glance.model.weights import ModelCard
+    from glance.pipeline import SegmentOptions, with_model_thresholds
+
+    card = ModelCard("m", "1", {}, thresholds={"segmentation": 0.2, "detection": 0.45, "calibration": {}})
+    chosen = with_model_thresholds(SegmentOptions(), card)
+    assert (chosen.postprocess.seg_threshold, chosen.postprocess.det_threshold) == (0.2, 0.45)
+    assert chosen.threshold_sources == {"segmentation": "model card (calibrated)",
+                                        "detection": "model card (calibrated)"}
+    mixed = with_model_thresholds(SegmentOptions(det_threshold=0.7), card)
+    assert (mixed.postprocess.seg_threshold, mixed.postprocess.det_threshold) == (0.2, 0.7)
+    assert mixed.threshold_sources["detection"] == "requested"
+    plain = with_model_thresholds(SegmentOptions(), ModelCard("m", "1", {}))
+    assert (plain.postprocess.seg_threshold, plain.postprocess.det_threshold) == (0.5, 0.3)
+    assert plain.threshold_sources["segmentation"] == "built-in default"
+
+
+@pytest.mark.parametrize("thresholds", [{"segmentation": 1.5}, {"detection": 0}, {"detection": "high"},
+                                        {"segmentation": True}, []])
+def test_a_card_with_impossible_thresholds_is_refused(tmp_path, thresholds):
+    from glance.errors import ModelError
+    from glance.model.weights import ModelCard, read_card
+
+    card = ModelCard("m", "1", {}, thresholds=thresholds)
+    (tmp_path / "card.json").write_text(card.to_json())
+    with pytest.raises(ModelError, match="invalid model card.*thresholds"):
+        read_card(tmp_path)
