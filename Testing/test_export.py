@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from glance.dicomseg import dicom_seg_unavailable
 from glance.errors import InputError
 from glance.export import export_dicom_seg, labels_on_grid, read_source_ct
 
@@ -63,6 +64,7 @@ def test_result_holds_exactly_the_phantom_nodules(reviewed):
     np.testing.assert_array_equal(labels > 0, phantom.labels > 0)
 
 
+@pytest.mark.skipif(dicom_seg_unavailable() is not None, reason=str(dicom_seg_unavailable()))
 def test_exported_seg_is_the_accepted_nodules_voxel_for_voxel(reviewed, tmp_path):
     import highdicom as hd
     import pydicom

@@ -19,6 +19,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, gen
 
 from glance.errors import InputError
 from glance.io import list_series, read_label_map, read_volume, write_image
+from glance.io.dicom_write import save_dicom_file
 from glance.volume import Volume
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -73,7 +74,7 @@ def write_series(folder: Path, hu: np.ndarray, *, uid=None, origin=(-10.0, 20.0,
     for n, k in enumerate(order):
         ds = ct_slice(hu[k], np.asarray(origin) + k * step * normal, uid, row=row, col=col, **tags)
         ds.InstanceNumber = 100 - n  # wrong on purpose
-        ds.save_as(folder / f"{uid[-6:]}_{n:03d}.dcm", enforce_file_format=True)
+        save_dicom_file(ds, folder / f"{uid[-6:]}_{n:03d}.dcm")
         written.append(ds)
     return written
 
@@ -182,7 +183,7 @@ def test_padding_value_becomes_minus_1024_and_rle_is_decoded(tmp_path):
         stored[0, :4] = -2000
         ds.PixelData = stored.tobytes()
         ds.compress(RLELossless, stored)
-        ds.save_as(path, enforce_file_format=True)
+        save_dicom_file(ds, path)
     v = read_volume(folder)
     assert pydicom.dcmread(next(folder.iterdir())).file_meta.TransferSyntaxUID == RLELossless
     expected = hu.copy()
@@ -197,7 +198,7 @@ def _rewrite(folder: Path, pick, change) -> Path:
     for path in chosen if isinstance(chosen, list) else [chosen]:
         ds = pydicom.dcmread(path)
         change(ds)
-        ds.save_as(path, enforce_file_format=True)
+        save_dicom_file(ds, path)
     return chosen if not isinstance(chosen, list) else chosen[0]
 
 

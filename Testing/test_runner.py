@@ -7,6 +7,8 @@ as Slicer's timer will exercise them.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import os
 import stat
 import subprocess
@@ -383,6 +385,23 @@ def test_missing_requirements_never_ask_pip_for_torch_or_slicer_packages():
         d("SimpleITK", "SimpleITK", runner.Source.SLICER, "SimpleITK", False, None),
     ]
     assert runner.missing_pip_requirements(status) == ["highdicom>=0.27"]
+
+
+def test_slicer_packages_are_pinned_and_highdicom_needs_pydicom_3():
+    d = runner.Dependency
+    status = [
+        d("highdicom", "highdicom", runner.Source.PIP, "highdicom>=0.27", False, None),
+        d("tqdm", "tqdm", runner.Source.PIP, "tqdm>=4.66", False, None),
+        d("pydicom", "pydicom", runner.Source.SLICER, "pydicom", True, "2.4.4"),
+        d("numpy", "numpy", runner.Source.SLICER, "numpy", True, "2.3.4"),
+        d("SimpleITK", "SimpleITK", runner.Source.SLICER, "SimpleITK", True, None),  # no metadata: no pin
+    ]
+    # Slicer 5.10: pydicom 2.4 -> no highdicom (it would pull pydicom 3 over Slicer's copy).
+    assert runner.pip_install_arguments(status) == ["tqdm>=4.66", "pydicom==2.4.4", "numpy==2.3.4"]
+    later = [replace(s, version="3.0.1") if s.module == "pydicom" else s for s in status]
+    assert runner.pip_install_arguments(later) == ["highdicom>=0.27", "tqdm>=4.66", "pydicom==3.0.1",
+                                                   "numpy==2.3.4"]
+    assert runner.pip_install_arguments([s for s in status if s.source is runner.Source.SLICER]) == []
 
 
 def _fake_nvidia_smi(folder: Path, body: str) -> None:

@@ -19,7 +19,18 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$(dirname "$REPO")/venv-pd2}"
-PYTHON312="${PYTHON312:-$(command -v python3.12 || command -v python3)}"
+
+pick_python() {  # Slicer 5.10's Python is 3.12; any 3.11+ is accepted, with a note
+    local c
+    for c in "${PYTHON312:-}" python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3; do
+        if [[ -n "$c" ]] && "$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+            echo "$c"; return
+        fi
+    done
+    echo "note: no working Python 3.12 found; using python3 ($(python3 --version))" >&2
+    command -v python3
+}
+PYTHON312="$(pick_python)"
 MAIN_PY="${MAIN_PY:-$(command -v python)}"
 TESTS=(Testing/test_io_read.py Testing/test_dicom_write.py Testing/test_dicomseg.py Testing/test_export.py)
 WITH_NP1=0

@@ -10,7 +10,6 @@ SEG on the CT grid back to an instance map (readback checks, training data).
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,7 +108,9 @@ def _segment_description(number: int, nodule: Nodule, algorithm: AlgorithmInfo, 
         parameters={k: str(v) for k, v in algorithm.thresholds.items()} or None,
     )
     rgb = nodule_colour(nodule.label)
-    colour_argument = "display_color" in inspect.signature(hd.seg.SegmentDescription).parameters
+    # CIELabColor.from_rgb is new in highdicom 0.27 (display_color in 0.24); without them
+    # (0.22 is the last release for pydicom 2) the attribute is set below, to the same value.
+    from_rgb = getattr(hd.color.CIELabColor, "from_rgb", None)
     description = hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=nodule.name,
@@ -120,11 +121,9 @@ def _segment_description(number: int, nodule: Nodule, algorithm: AlgorithmInfo, 
         tracking_id=nodule.name,
         tracking_uid=hd.UID(),
         anatomic_regions=[codes["region"]],
-        **({"display_color": hd.color.CIELabColor.from_rgb(*rgb)} if colour_argument else {}),
+        **({"display_color": from_rgb(*rgb)} if from_rgb else {}),
     )
-    if not colour_argument:
-        # highdicom 0.22 (the last release that accepts pydicom 2.4, as Slicer 5.10 ships) has no
-        # display_color; the attribute it would write is set here, with the same value.
+    if from_rgb is None:
         description.RecommendedDisplayCIELabValue = list(dicom_cielab(rgb))
     return description
 
@@ -133,7 +132,7 @@ def dicom_cielab(rgb: Sequence[float]) -> tuple[int, int, int]:
     """RGB 0-255 (sRGB) as a DICOM RecommendedDisplayCIELabValue: CIE L*a*b* (D65) scaled to 0-65535.
 
     The same conversion and scaling as highdicom's ``CIELabColor.from_rgb`` (0.27+),
-    which is used whenever present; this one serves highdicom releases without it.
+    which is used whenever present; this one serves older releases (0.22 with pydicom 2).
     """
     linear = np.asarray(rgb, dtype=float) / 255.0
     linear = np.where(linear > 0.04045, ((linear + 0.055) / 1.055) ** 2.4, linear / 12.92) * 100

@@ -216,7 +216,7 @@ def write_result(folder: Path, analysis: Analysis, algorithm, report: dict, snap
 
 
 def _write_dicom_seg(folder: Path, a: Analysis, algorithm) -> Path | None:
-    from glance.dicomseg import write_dicom_seg
+    from glance.dicomseg import dicom_seg_unavailable, write_dicom_seg
 
     files = a.ct.metadata.get("files")
     if a.ct.metadata.get("format") != "dicom" or not files:
@@ -226,6 +226,10 @@ def _write_dicom_seg(folder: Path, a: Analysis, algorithm) -> Path | None:
         return None
     if any(f is None for f in files):
         log.warning("DICOM-SEG not written: the series had interpolated (missing) slices")
+        return None
+    reason = dicom_seg_unavailable()
+    if reason is not None:  # e.g. Slicer 5.10: pydicom 2.4 with numpy 2, which no highdicom supports
+        log.warning("DICOM-SEG not written: %s", reason)
         return None
     return write_dicom_seg([Path(f) for f in files], a.ct, a.labels, a.nodules, folder / SEG_DICOM_FILE, algorithm)
 

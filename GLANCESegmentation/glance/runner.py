@@ -553,11 +553,18 @@ class Dependency:
 # (import name, distribution name, source, pip requirement)
 _REQUIRED: tuple[tuple[str, str, Source, str], ...] = (
     ("torch", "torch", Source.PYTORCH_EXTENSION, "torch>=2.8"),
-    # Recent Slicer releases ship highdicom; then it is present and never replaced.
+    # Only for DICOM-SEG export. Every highdicom that works on numpy 2 needs pydicom 3, which
+    # Slicer 5.10 does not ship (docs/compatibility.md): there it is not requested at all.
     ("highdicom", "highdicom", Source.PIP, "highdicom>=0.27"),
     ("safetensors", "safetensors", Source.PIP, "safetensors>=0.4"),
     ("nrrd", "pynrrd", Source.PIP, "pynrrd>=1.0"),
     ("tqdm", "tqdm", Source.PIP, "tqdm>=4.66"),
+    # Decoders for compressed DICOM (JPEG lossless/extended, JPEG-LS, JPEG 2000) that Slicer's
+    # pydicom cannot decode alone; they need only numpy.
+    ("pylibjpeg", "pylibjpeg", Source.PIP, "pylibjpeg>=2.0"),
+    ("libjpeg", "pylibjpeg-libjpeg", Source.PIP, "pylibjpeg-libjpeg>=2.1"),
+    ("openjpeg", "pylibjpeg-openjpeg", Source.PIP, "pylibjpeg-openjpeg>=2.3"),
+    ("jpeg_ls", "pyjpegls", Source.PIP, "pyjpegls>=1.2"),
     ("pydicom", "pydicom", Source.SLICER, "pydicom"),
     ("SimpleITK", "SimpleITK", Source.SLICER, "SimpleITK"),
     ("numpy", "numpy", Source.SLICER, "numpy"),
@@ -582,8 +589,29 @@ def dependency_status() -> list[Dependency]:
 
 
 def missing_pip_requirements(status: Sequence[Dependency]) -> list[str]:
-    """Requirements the GUI may ``pip_install`` after asking the user."""
-    return [d.requirement for d in status if not d.present and d.source is Source.PIP]
+    """Requirements the GUI may ``pip_install`` after asking the user (highdicom only where the
+    pydicom Slicer ships is 3 or later: installing it would otherwise replace Slicer's pydicom)."""
+    pydicom = next((d for d in status if d.module == "pydicom"), None)
+    seg_possible = pydicom is None or _major(pydicom.version) >= 3
+    return [d.requirement for d in status if not d.present and d.source is Source.PIP
+            and (d.module != "highdicom" or seg_possible)]
+
+
+def pip_install_arguments(status: Sequence[Dependency]) -> list[str]:
+    """The missing requirements plus pins of the packages Slicer ships, so that pip fails rather
+    than replace one of them to satisfy a dependency."""
+    missing = missing_pip_requirements(status)
+    if not missing:
+        return []
+    pins = [f"{d.distribution}=={d.version}" for d in status if d.source is Source.SLICER and d.version]
+    return missing + pins
+
+
+def _major(version: str | None) -> int:
+    try:
+        return int((version or "0").split(".")[0])
+    except ValueError:
+        return 0
 
 
 def gpu_names(timeout: float = 5.0) -> list[str]:
