@@ -39,7 +39,6 @@ def engine():
     import glance.registry
     import glance.runner
     import glance.scene
-    import glance_training.datasets.cases
 
     return glance
 

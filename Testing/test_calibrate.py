@@ -145,3 +145,22 @@ def test_a_card_with_impossible_thresholds_is_refused(tmp_path, thresholds):
     (tmp_path / "card.json").write_text(card.to_json())
     with pytest.raises(ModelError, match="invalid model card.*thresholds"):
         read_card(tmp_path)
+
+
+def test_evaluate_and_calibrate_cut_a_crop_at_the_same_voxels(monkeypatch):
+    """p = 0.2 is stored as 51 = 0.2 * 255; evaluate once computed ceil(0.2 * 255) = 52 in floating
+    point and left those voxels out, so its Dice disagreed with calibration's and the pipeline's."""
+    import glance.pipeline
+    from glance.pipeline import SegmentOptions
+    from glance_training.calibrate import CalibrationConfig, choose_thresholds
+    from glance_training.evaluate import _crop_prediction
+
+    case = _crop_case(0)
+    case.prob[case.loaded.labels > 0] = 51
+    monkeypatch.setattr(glance.pipeline, "predict_maps", lambda *a, **k: (case.prob, case.heat, {}, {}))
+    options = SegmentOptions(seg_threshold=0.2)
+    options.postprocess.seg_threshold = 0.2
+    evaluated = _crop_prediction(case.loaded, None, options)
+    assert np.array_equal(evaluated, case.loaded.labels > 0)
+    curve = choose_thresholds([("crops", [case], False)], CalibrationConfig(data=["crops"])).sources[0]
+    assert curve.dice[0.2] == 1.0 and curve.dice[0.25] < 1.0
