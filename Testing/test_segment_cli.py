@@ -94,10 +94,15 @@ def test_refilter_changes_thresholds_without_the_network(untrained, example_ct, 
     assert _run(["segment", str(path), "--out", str(out), "--model", str(untrained), "--det-threshold", "0.05",
                  "--seg-threshold", "0.3", "--no-snapshots"], capsys)[0] == 0
     first = json.loads((out / "report.json").read_text())
+    assert first["thresholds"]["source"] == {"segmentation": "requested", "detection": "requested"}
+    # A threshold refilter does not set keeps the source the report gave it.
+    first["thresholds"]["source"]["segmentation"] = "model card (calibrated)"
+    (out / "report.json").write_text(json.dumps(first))
     rc, text, err = _run(["refilter", str(out), "--det-threshold", "0.999"], capsys)
     assert rc == 0, err
     strict = json.loads((out / "report.json").read_text())
-    assert strict["thresholds"] == {"segmentation": 0.3, "detection": 0.999} and strict["refiltered"]
+    assert strict["thresholds"] == {"segmentation": 0.3, "detection": 0.999, "source": {
+        "segmentation": "model card (calibrated)", "detection": "requested"}} and strict["refiltered"]
     assert strict["n_nodules"] <= first["n_nodules"]
     assert _run(["refilter", str(out), "--det-threshold", "0.05"], capsys)[0] == 0
     again = json.loads((out / "report.json").read_text())

@@ -46,8 +46,11 @@ def _read_map(path: Path, ct: Volume):
     return m.array.astype("uint8", copy=False)
 
 
-def refilter(folder: Path, report: dict, cfg: PostprocessConfig) -> Analysis:
-    """Rewrite the result in ``folder`` for new thresholds; the old result stays until the new one is complete."""
+def refilter(folder: Path, report: dict, cfg: PostprocessConfig, requested: frozenset[str] = frozenset()) -> Analysis:
+    """Rewrite the result in ``folder`` for new thresholds; the old result stays until the new one is complete.
+
+    ``requested``: the thresholds ("segmentation", "detection") this call sets; the others keep
+    the source the report gave them."""
     from glance.io import OutputFolder
 
     folder = Path(folder)
@@ -58,7 +61,11 @@ def refilter(folder: Path, report: dict, cfg: PostprocessConfig) -> Analysis:
     labels, nodules = analyse_maps(ct, prob, heat, cfg, seconds)
     analysis = Analysis(ct, prob, heat, labels, nodules, seconds)
     model = report.get("model", {})
-    report.update({"thresholds": {"segmentation": cfg.seg_threshold, "detection": cfg.det_threshold},
+    before = (report.get("thresholds") or {}).get("source") or {}
+    sources = {key: "requested" if key in requested else before.get(key, "unknown")
+               for key in ("segmentation", "detection")}
+    report.update({"thresholds": {"segmentation": cfg.seg_threshold, "detection": cfg.det_threshold,
+                                  "source": sources},
                    "postprocess": cfg.__dict__.copy(), "refiltered": True})
     with OutputFolder(folder, force=True) as tmp:
         for keep in ("example_ct.nrrd", "example_ground_truth.json"):

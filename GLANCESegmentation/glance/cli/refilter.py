@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from glance.cli.segment import add_threshold_arguments, postprocess_config
+from glance.cli.segment import add_threshold_arguments, postprocess_config, threshold_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,10 @@ def run(args: argparse.Namespace) -> int:
     saved = report.get("postprocess", {})
     base = PostprocessConfig(**{f.name: saved[f.name] for f in fields(PostprocessConfig) if f.name in saved})
     cfg = postprocess_config(args, base)
-    analysis = refilter(folder, report, cfg)
+    given = threshold_arguments(args)
+    requested = frozenset(key for key, flag in (("segmentation", "seg_threshold"), ("detection", "det_threshold"))
+                          if given[flag] is not None)
+    analysis = refilter(folder, report, cfg, requested)
     n = len(analysis.nodules)
     print(f"{n} nodule{'s' if n != 1 else ''} at segmentation threshold {cfg.seg_threshold}, "
           f"detection threshold {cfg.det_threshold}; results in {folder}")
