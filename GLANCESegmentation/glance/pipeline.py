@@ -109,7 +109,8 @@ def with_model_thresholds(options: SegmentOptions, card) -> SegmentOptions:
             chosen[field_name], sources[key] = recommended[key], "model card (calibrated)"
         else:
             chosen[field_name], sources[key] = getattr(options.postprocess, field_name), "built-in default"
-    return replace(options, postprocess=replace(options.postprocess, **chosen), threshold_sources=sources, **chosen)
+    # The explicit fields stay as given: resolving again (segment_volume after run_segment) gives the same.
+    return replace(options, postprocess=replace(options.postprocess, **chosen), threshold_sources=sources)
 
 
 def analyse_maps(ct: Volume, prob: np.ndarray, heatmap: np.ndarray, cfg: PostprocessConfig,
@@ -117,13 +118,10 @@ def analyse_maps(ct: Volume, prob: np.ndarray, heatmap: np.ndarray, cfg: Postpro
     """Steps 4-5 on saved maps (input grid): instance labels and measured nodules.
     This is all that re-thresholding needs: no network."""
     from glance.measure import measure_nodules
-    from glance.postprocess import find_nodules
 
     seconds = {} if seconds is None else seconds
-    canon, grid = canonical_volume(ct)
     with _timed(seconds, "postprocess"):
-        detections = find_nodules(grid.to_canonical(prob), grid.to_canonical(heatmap),
-                                  tuple(grid.canonical_spacing), cfg)
+        canon, grid, detections = _detect(ct, prob, heatmap, cfg)
         nodules = measure_nodules(detections.labels, canon, detections)
         labels = np.ascontiguousarray(grid.to_original(detections.labels))
     boxes = ndimage.find_objects(labels)
@@ -131,6 +129,20 @@ def analyse_maps(ct: Volume, prob: np.ndarray, heatmap: np.ndarray, cfg: Postpro
         box = boxes[nodule.label - 1]
         nodule.bbox = tuple(int(b.start) for b in box) + tuple(int(b.stop) for b in box)
     return labels, [_on_input_grid(n, ct) for n in nodules]
+
+
+def nodule_labels(ct: Volume, prob: np.ndarray, heatmap: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
+    """Step 4 alone: the nodules' instance labels on the input grid, without measuring them."""
+    _, grid, detections = _detect(ct, prob, heatmap, cfg)
+    return np.ascontiguousarray(grid.to_original(detections.labels))
+
+
+def _detect(ct: Volume, prob: np.ndarray, heatmap: np.ndarray, cfg: PostprocessConfig):
+    from glance.postprocess import find_nodules
+
+    canon, grid = canonical_volume(ct)
+    detections = find_nodules(grid.to_canonical(prob), grid.to_canonical(heatmap), tuple(grid.canonical_spacing), cfg)
+    return canon, grid, detections
 
 
 def _on_input_grid(nodule: Nodule, ct: Volume) -> Nodule:

@@ -135,12 +135,11 @@ def choose_thresholds(groups: list[tuple[str, list[CaseMaps], bool]], cfg: Calib
 def _predict_source(spec_text: str, cfg: CalibrationConfig, network, inference, progress):
     """(spec, [cases with maps], volumetric) of the labelled cases of one source's split."""
     from glance.pipeline import predict_maps
-    from glance_training.evaluate import CROP_KINDS, EvaluateConfig, _cases, training_split
+    from glance_training.evaluate import CROP_KINDS, split_cases, training_split
 
     card = network[1]
     seed = int(((card.training or {}).get("config") or {}).get("seed", 0))
-    spec, cases = _cases(spec_text, EvaluateConfig(split=cfg.split, max_cases=cfg.max_cases),
-                         training_split(card), seed)
+    spec, cases = split_cases(spec_text, cfg.split, cfg.max_cases, training_split(card), seed)
     volumetric = spec.kind not in CROP_KINDS
     kept = []
     for n, case in enumerate(cases, start=1):
@@ -163,7 +162,7 @@ def _spacing_kji(loaded) -> tuple[float, float, float]:
 
 
 def _seg_curve(spec: str, cases: list[CaseMaps], volumetric: bool, cfg: CalibrationConfig) -> SourceCurves:
-    from glance.pipeline import analyse_maps
+    from glance.pipeline import nodule_labels
     from glance.postprocess import PostprocessConfig, raw_threshold
     from glance_training.metrics import score_nodules
 
@@ -174,7 +173,7 @@ def _seg_curve(spec: str, cases: list[CaseMaps], volumetric: bool, cfg: Calibrat
         dice = []
         for c in masked:
             if volumetric:  # the whole pipeline, detecting at the lowest threshold the calibration considers
-                pred, _ = analyse_maps(c.loaded.ct, c.prob, c.heat, PostprocessConfig(t, lowest))
+                pred = nodule_labels(c.loaded.ct, c.prob, c.heat, PostprocessConfig(t, lowest))
             else:
                 pred = c.prob >= raw_threshold(t, c.prob.dtype)
             dice += [s.scores.dice for s in score_nodules(pred, c.loaded.labels, _spacing_kji(c.loaded))]

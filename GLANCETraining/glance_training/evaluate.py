@@ -62,15 +62,17 @@ def training_split(card):
                        tuple(train_cfg.get("held_out", ("LIDC-IDRI-0001", "LIDC-IDRI-0003"))))
 
 
-def _cases(spec_text: str, cfg: EvaluateConfig, split, seed: int):
+def split_cases(spec_text: str, which: str, max_cases: int, split, seed: int):
+    """(spec, cases) of one data source: the ``which`` part (test | val | all) of ``split``, at most
+    ``max_cases`` of them (0: all)."""
     from glance_training.data import DataSpec, load_source
     from glance_training.datasets import split_source
 
     spec = DataSpec.parse(spec_text)
     source = load_source(spec, seed)
-    cases = list(source) if cfg.split == "all" else list(split_source(source, split)[cfg.split])
-    if cfg.max_cases:
-        cases = cases[: cfg.max_cases]
+    cases = list(source) if which == "all" else list(split_source(source, split)[which])
+    if max_cases:
+        cases = cases[:max_cases]
     return spec, cases
 
 
@@ -142,7 +144,7 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     seed = int(((card.training or {}).get("config") or {}).get("seed", 0)) + 7919  # unseen phantoms
     got = _Collected()
     for spec_text in cfg.data:
-        spec, cases = _cases(spec_text, cfg, split, seed)
+        spec, cases = split_cases(spec_text, cfg.split, cfg.max_cases, split, seed)
         log.info("%s: %d %s cases", spec_text, len(cases), cfg.split)
         for n, case in enumerate(cases, start=1):
             loaded = case.load()

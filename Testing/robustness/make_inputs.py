@@ -316,39 +316,31 @@ def missing_rescale_offset(d: Path, src: Sources) -> Built:
     return Built(folder)
 
 
-def odd_rescale(d: Path, src: Sources) -> Built:
-    """Slope 0.5, intercept -2048.5: stored = 2 * (HU + 2048.5), exact."""
+def _stored_as(d: Path, src: Sources, slope: str, intercept: str, signed: bool) -> Built:
+    """The series stored as (HU - intercept) / slope, exact for the values used here."""
     folder = src.copy_dicom(d / "series")
     hu = _hu(src)
+    stored = np.rint((hu.astype(np.float64) - float(intercept)) / float(slope)).astype(np.int32)
 
     def rescale(k, ds):
-        ds.RescaleSlope, ds.RescaleIntercept = "0.5", "-2048.5"
-        _set_pixels(ds, 2 * (hu[k].astype(np.int32) + 2048) + 1, signed=False)
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        _set_pixels(ds, stored[k], signed=signed)
     edit_all(folder, rescale)
     return Built(folder, expected_hu=hu)
 
 
-def unsigned_storage(d: Path, src: Sources) -> Built:
-    folder = src.copy_dicom(d / "series")
-    hu = _hu(src)
+def odd_rescale(d: Path, src: Sources) -> Built:
+    """Slope 0.5, intercept -2048.5: stored = 2 * (HU + 2048.5), exact."""
+    return _stored_as(d, src, "0.5", "-2048.5", signed=False)
 
-    def unsigned(k, ds):
-        ds.RescaleIntercept = "-2048"
-        _set_pixels(ds, hu[k].astype(np.int32) + 2048, signed=False)
-    edit_all(folder, unsigned)
-    return Built(folder, expected_hu=hu)
+
+def unsigned_storage(d: Path, src: Sources) -> Built:
+    return _stored_as(d, src, "1", "-2048", signed=False)
 
 
 def signed_offset_storage(d: Path, src: Sources) -> Built:
     """Signed storage with a positive intercept (HU - 1000 stored, intercept +1000)."""
-    folder = src.copy_dicom(d / "series")
-    hu = _hu(src)
-
-    def signed(k, ds):
-        ds.RescaleIntercept = "1000"
-        _set_pixels(ds, hu[k].astype(np.int32) - 1000, signed=True)
-    edit_all(folder, signed)
-    return Built(folder, expected_hu=hu)
+    return _stored_as(d, src, "1", "1000", signed=True)
 
 
 def pixel_padding(d: Path, src: Sources) -> Built:

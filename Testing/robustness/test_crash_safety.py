@@ -49,6 +49,12 @@ def _temporaries(out: Path) -> list[str]:
     return sorted(set(leftovers(out)) - {out.name}) + inside
 
 
+def _record(case: str, expected: str, observed: str, problems: list[str]) -> None:
+    """One row of the robustness table; the test fails on any problem, after the row is written."""
+    RECORD.add("crash", case, expected, observed + "".join(f"; PROBLEM: {p}" for p in problems), not problems)
+    assert not problems, problems
+
+
 def test_sigkill_at_random_moments(sources, model_dir, tmp_path):
     out = tmp_path / "result"
     argv = segment_args(sources.nrrd, out, model_dir, "--force")
@@ -88,12 +94,10 @@ def test_sigkill_at_random_moments(sources, model_dir, tmp_path):
     if survivors:
         problems.append(f"temporaries survive the next run: {survivors}")
     RECORD.measurements["SIGKILL moments (s into a run of %.1f s)" % duration] = ", ".join(ends)
-    RECORD.add("crash", f"SIGKILL at {N_KILLS} random moments",
-               "folder holds the previous or a new complete result; the next run removes all temporaries",
-               f"{sum('previous' in e for e in ends)} x previous, {sum('new complete' in e for e in ends)} x new "
-               f"complete result; {len(survivors)} temporaries after the next run"
-               + "".join(f"; PROBLEM: {p}" for p in problems), not problems)
-    assert not problems, problems
+    _record(f"SIGKILL at {N_KILLS} random moments",
+            "folder holds the previous or a new complete result; the next run removes all temporaries",
+            f"{sum('previous' in e for e in ends)} x previous, {sum('new complete' in e for e in ends)} x new "
+            f"complete result; {len(survivors)} temporaries after the next run", problems)
 
 
 def test_sigint_exits_within_2s_and_cleans_up(sources, model_dir, tmp_path):
@@ -119,10 +123,8 @@ def test_sigint_exits_within_2s_and_cleans_up(sources, model_dir, tmp_path):
     if leftovers(out):
         problems.append(f"left behind: {leftovers(out)}")
     RECORD.measurements["time from SIGINT to exit"] = f"{seconds:.2f} s"
-    RECORD.add("crash", "SIGINT during inference", "exit 130 within 2 s, 'glance segment: interrupted', nothing left",
-               f"exit {proc.returncode} after {seconds:.2f} s: {lines[-1] if lines else ''}"
-               + "".join(f"; PROBLEM: {p}" for p in problems), not problems)
-    assert not problems, problems
+    _record("SIGINT during inference", "exit 130 within 2 s, 'glance segment: interrupted', nothing left",
+            f"exit {proc.returncode} after {seconds:.2f} s: {lines[-1] if lines else ''}", problems)
 
 
 def test_second_concurrent_run_refuses_and_first_completes(sources, model_dir, tmp_path):
@@ -142,7 +144,5 @@ def test_second_concurrent_run_refuses_and_first_completes(sources, model_dir, t
         check_complete_result(out)
     if _temporaries(out):
         problems.append(f"temporaries: {_temporaries(out)}")
-    RECORD.add("crash", "two concurrent runs into one folder", "second: exit 2 (lock); first: exit 0, complete",
-               f"second {second.describe()}; first exit {first_rc}" + "".join(f"; PROBLEM: {p}" for p in problems),
-               not problems)
-    assert not problems, problems
+    _record("two concurrent runs into one folder", "second: exit 2 (lock); first: exit 0, complete",
+            f"second {second.describe()}; first exit {first_rc}", problems)
