@@ -216,6 +216,7 @@ class GLANCESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 self._jobOutDir,
                 segThreshold=segThreshold,
                 detThreshold=detThreshold,
+                flipAveraging=self.ui.flipAveragingCheckBox.checked,
             )
             self.startPolling("segment", _("Segmenting..."))
 
@@ -404,7 +405,8 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
         """Where the engine writes its result inside a run folder (the CT it read sits beside it)."""
         return Path(outDir) / "result"
 
-    def startSegmentation(self, volumeNode, model, device, outDir, segThreshold=None, detThreshold=None):
+    def startSegmentation(self, volumeNode, model, device, outDir, segThreshold=None, detThreshold=None,
+                          flipAveraging=False):
         """``glance segment`` on the CT as Slicer holds it; a threshold left None is the engine's choice
         (the model card's calibrated value, else the engine's default)."""
         runner = engine().runner
@@ -413,7 +415,8 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
         if not slicer.util.saveNode(volumeNode, str(inputPath)):
             raise RuntimeError(_("Could not write the CT to {path}").format(path=inputPath))
         command = runner.segment_command(inputPath, self.resultFolder(outDir), model, device,
-                                         seg_threshold=segThreshold, det_threshold=detThreshold)
+                                         seg_threshold=segThreshold, det_threshold=detThreshold,
+                                         tta=flipAveraging)
         return runner.BackgroundJob(command).start()
 
     def startRefilter(self, outDir, segThreshold, detThreshold):

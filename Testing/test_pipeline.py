@@ -168,6 +168,36 @@ def test_context_slices_reach_the_network():
     assert np.abs(maps.prob.astype(int) - expected).max() <= 1  # the centre channel is the slice itself
 
 
+def test_flip_averaging_undoes_each_flip():
+    # The oracle is flip-equivariant, so averaging over flips must give back the plain maps; a flip
+    # not undone would blur this random, asymmetric image into the mean of its mirror images.
+    hu = _phantomish((3, 30, 34))
+    prep = Preprocessing(pixel_spacing_mm=1.0)
+    plain = predict(hu, (1.0, 1.0, 1.0), full_crop(hu.shape), OracleNet(), prep, InferenceOptions())
+    flipped = predict(hu, (1.0, 1.0, 1.0), full_crop(hu.shape), OracleNet(), prep, InferenceOptions(tta=True))
+    assert np.abs(plain.prob.astype(int) - flipped.prob).max() <= 1
+
+
+class RampNet(OracleNet):
+    """Ignores the image: probability rises from 0 to 1 across the columns, heatmap across the rows."""
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        cols = torch.linspace(0, 1, w).clamp(1e-6, 1 - 1e-6).expand(n, 1, h, w)
+        rows = torch.linspace(0, 1, h).clamp(1e-6, 1 - 1e-6)[:, None].expand(n, 1, h, w)
+        return GlanceOutput(torch.logit(cols) + 0 * self.anchor, torch.logit(rows), ())
+
+
+def test_flip_averaging_cancels_a_position_bias():
+    # Each ramp and its mirror image add up to 1 everywhere: the mean over the four flips is 0.5.
+    hu = _phantomish((2, 20, 24))
+    prep = Preprocessing(pixel_spacing_mm=1.0)
+    plain = predict(hu, (1.0, 1.0, 1.0), full_crop(hu.shape), RampNet(), prep, InferenceOptions())
+    assert plain.prob[:, :, 0].max() == 0 and plain.prob[:, :, -1].min() == 255
+    maps = predict(hu, (1.0, 1.0, 1.0), full_crop(hu.shape), RampNet(), prep, InferenceOptions(tta=True))
+    assert set(np.unique(maps.prob)) <= {127, 128} and set(np.unique(maps.heatmap)) <= {127, 128}
+
+
 def test_cancel_between_batches():
     from glance.errors import Cancelled
 

@@ -67,6 +67,8 @@ def test_segment_command_has_the_exact_engine_arguments():
         "--out", "/tmp/out", "--model", "glance-small", "--device", "cuda",
         "--seg-threshold", "0.3", "--det-threshold", "0.7", "--progress-lines", "--force",
     ]  # fmt: skip
+    with_flips = runner.segment_command("/ct.nrrd", "/o", "m", python="py", tta=True)
+    assert with_flips[-3:] == ["--tta", "--progress-lines", "--force"]
 
 
 def test_thresholds_left_out_are_the_engines_choice():

@@ -463,13 +463,15 @@ def test_segmentation_logic_starts_the_engine_with_its_real_arguments(modules, t
     from glance.cli.segment import threshold_arguments
 
     assert threshold_arguments(args) == {"seg_threshold": None, "det_threshold": None}
-    assert args.progress_lines and args.force
+    assert args.progress_lines and args.force and not args.tta
     written = read_volume(args.input)  # the CT the engine will read is the one in the scene, in LPS
     np.testing.assert_array_equal(written.array, ct.array)
     np.testing.assert_allclose(written.origin, ct.origin, atol=1e-4)
 
-    logic.startSegmentation(volume, "m", "auto", tmp_path / "run", segThreshold=0.65, detThreshold=0.4)
-    assert (_engine_args(started[-1]).seg_threshold, _engine_args(started[-1]).det_threshold) == (0.65, 0.4)
+    logic.startSegmentation(volume, "m", "auto", tmp_path / "run", segThreshold=0.65, detThreshold=0.4,
+                            flipAveraging=True)
+    args = _engine_args(started[-1])
+    assert (args.seg_threshold, args.det_threshold, args.tta) == (0.65, 0.4, True)
     logic.startRefilter(tmp_path / "run", segThreshold=0.65, detThreshold=0.4)
     args = _engine_args(started[-1])
     assert (args.command, args.result, args.seg_threshold, args.det_threshold) == (

@@ -258,6 +258,7 @@ def base_report(ct: Volume, card, folder: Path, options: SegmentOptions, device:
                        "source": options.threshold_sources},
         "postprocess": asdict(options.postprocess),
         "device": device,
+        "test_time_flips": options.inference.tta,
         "snapshots": options.snapshots,
         "input": {
             "path": meta.get("source"), "format": meta.get("format"),

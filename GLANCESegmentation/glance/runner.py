@@ -89,10 +89,12 @@ def segment_command(
     seg_threshold: float | None = None,
     det_threshold: float | None = None,
     python: str | None = None,
+    tta: bool = False,
 ) -> list[str]:
     """``glance segment`` with machine-readable progress; overwrites ``out_dir``.
 
     A threshold left None is the engine's choice: the model card's calibrated value, else its default.
+    ``tta`` averages the network over the in-plane flips.
     """
     return _glance(
         python, "segment", str(input_path),
@@ -100,6 +102,7 @@ def segment_command(
         "--model", model,
         "--device", device,
         *_thresholds(seg_threshold, det_threshold),
+        *(["--tta"] if tta else []),
         "--progress-lines",
         "--force",
     )  # fmt: skip

@@ -51,6 +51,7 @@ class EvaluateConfig:
     det_threshold: float | None = None
     n_bootstrap: int = 1000
     max_cases: int = 0  # 0: every case of the split
+    tta: bool = False  # average the network over the in-plane flips
 
 
 def training_split(card):
@@ -135,7 +136,7 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
         raise GlanceError(f"--split must be test, val or all, got {cfg.split!r}")
     if not cfg.data:
         raise GlanceError("no evaluation data: give --data KIND:PATH")
-    options = SegmentOptions(model=cfg.model, inference=InferenceOptions(cfg.device, cfg.batch),
+    options = SegmentOptions(model=cfg.model, inference=InferenceOptions(cfg.device, cfg.batch, tta=cfg.tta),
                              seg_threshold=cfg.seg_threshold, det_threshold=cfg.det_threshold)
     network = load_network(options)
     card = network[1]
@@ -174,6 +175,7 @@ def _report(cfg: EvaluateConfig, options, card, split, got: _Collected) -> dict:
         "split": {"evaluated": cfg.split, "fractions": split.fractions, "seed": split.seed,
                   "held_out": split.held_out},
         "data": cfg.data,
+        "inference": {"tta": cfg.tta},
         "thresholds": {"segmentation": options.postprocess.seg_threshold,
                        "detection": options.postprocess.det_threshold, "source": options.threshold_sources},
         "conventions": {

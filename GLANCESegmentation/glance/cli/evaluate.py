@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="glance-evaluation", help="report folder")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tta", action="store_true", help="average the network over the four in-plane flips")
     add_threshold_arguments(parser)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CPM interval")
     parser.add_argument("--max-cases", type=int, default=0, help="score at most this many cases per source")
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     thresholds = threshold_arguments(args)
     cfg = EvaluateConfig(args.model, args.data + [f"local:{d}" for d in args.cases], args.split, args.out,
                          args.device, args.batch, thresholds["seg_threshold"], thresholds["det_threshold"],
-                         args.bootstrap, args.max_cases)
+                         args.bootstrap, args.max_cases, args.tta)
     emit = (lambda line: print(line, flush=True)) if args.progress_lines else None
     report = evaluate(cfg, emit)
     summary = {k: report[k] for k in ("model", "n_nodules_scored") if k in report}

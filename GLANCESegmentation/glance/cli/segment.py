@@ -32,6 +32,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                         help="auto: fp16 autocast on GPU, fp32 on CPU")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--tta", action="store_true",
+                        help="average the network over the four in-plane flips (4x the model time)")
 
 
 def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate_as_cancel)
     options = SegmentOptions(
         model=args.model,
-        inference=InferenceOptions(args.device, args.batch, args.precision, args.threads),
+        inference=InferenceOptions(args.device, args.batch, args.precision, args.threads, args.tta),
         **threshold_arguments(args),
         series_uid=args.series,
         max_voxels=args.max_voxels,
