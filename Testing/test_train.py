@@ -93,6 +93,18 @@ def test_registered_versions_never_overwrite(cfg, tmp_path):
         resolve_model("nope")
 
 
+def test_a_release_fine_tuned_from_its_own_name_is_the_next_minor_version():
+    from types import SimpleNamespace
+
+    from glance_training.train import out_version
+
+    base = SimpleNamespace(name="glance-small", version="2.0.0")
+    assert out_version("glance-small", base) == "2.1.0"
+    assert out_version("glance-small", SimpleNamespace(name="glance-small", version="2.9.3")) == "2.10.0"
+    assert out_version("glance-site", base) == "1.0.0"  # a new name starts its own versions
+    assert out_version("glance-small", None) == "1.0.0"
+
+
 def test_cli_train_registers_a_model(tmp_path, capsys):
     from glance.cli import main
 

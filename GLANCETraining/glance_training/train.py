@@ -387,6 +387,15 @@ def write_history(history: list[EpochRecord], run_dir: Path) -> None:
         fig.savefig(tmp, format="png")
 
 
+def out_version(name: str, base_card=None) -> str:
+    """Version of a model written to an explicit folder: the next minor version of the base model it
+    was fine-tuned from when it keeps the base's name (a shipped model's next release), else 1.0.0."""
+    if base_card is None or base_card.name != name:
+        return "1.0.0"
+    major, minor = (int(part) for part in base_card.version.split(".")[:2])
+    return f"{major}.{minor + 1}.0"
+
+
 def register(trainer: Trainer, out: Path | None = None) -> Path:
     """Save the trained network as a new model version (never over an existing one)."""
     from glance.model.weights import ModelCard, Preprocessing, save_model
@@ -397,7 +406,7 @@ def register(trainer: Trainer, out: Path | None = None) -> Path:
     if out is None:
         version, out = next_version_dir(cfg.name)
     else:
-        version = "1.0.0"
+        version = out_version(cfg.name, trainer.base_card)
         if (Path(out) / "card.json").exists():
             raise GlanceError(f"{out}: already holds a model; choose a new folder")
     last = trainer.history[-1] if trainer.history else None
