@@ -484,6 +484,13 @@ def test_device_choices(modules):
     assert all(value.startswith("cuda") for _title, value in choices[2:])
 
 
+def test_flip_averaging_starts_on_only_with_a_gpu(modules):
+    logic = modules.GLANCESegmentation.GLANCESegmentationLogic
+    cpu_only = [("Automatic", "auto"), ("CPU", "cpu")]
+    assert not logic.flipAveragingByDefault(cpu_only)
+    assert logic.flipAveragingByDefault(cpu_only + [("GPU: H200", "cuda")])
+
+
 # The export test's DICOM phantom and engine-made result folder (module-scoped fixture).
 from test_export import MODEL, reviewed  # noqa: E402,F401
 

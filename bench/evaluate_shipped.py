@@ -148,7 +148,7 @@ def main() -> None:
         from glance.io import atomic_write_text
 
         card = read_card(folder)
-        card.metrics.update({"held_out": summary})
+        card.metrics.update({"held_out_tta" if args.tta else "held_out": summary})
         atomic_write_text(folder / "card.json", card.to_json())
 
 
