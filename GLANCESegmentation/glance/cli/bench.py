@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model name or folder (default: glance-small)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    parser.add_argument("--tta", action="store_true", help="average the network over the in-plane flips")
     parser.add_argument("--no-baseline", action="store_true", help="skip the U-Net comparison")
     parser.add_argument("--json", action="store_true", help="one JSON object per device on stdout")
 
@@ -50,7 +51,8 @@ def bench_device(ct, read_seconds: float, device: str, args) -> dict:
     from glance.infer import InferenceOptions, device_description
     from glance.pipeline import SegmentOptions, algorithm_info, load_network, segment_volume, write_result
 
-    options = SegmentOptions(model=args.model, inference=InferenceOptions(device, args.batch, args.precision))
+    inference = InferenceOptions(device, args.batch, args.precision, tta=args.tta)
+    options = SegmentOptions(model=args.model, inference=inference)
     network = load_network(options)
     model, card, _ = network
     t = time.perf_counter()
@@ -66,6 +68,7 @@ def bench_device(ct, read_seconds: float, device: str, args) -> dict:
     result = {
         "device": device_description(next(model.parameters()).device),
         "model": f"{card.name}@{card.version}",
+        "test_time_flips": args.tta,
         "params": sum(p.numel() for p in model.parameters()),
         "volume_kji": list(ct.shape),
         "slices_through_model": n_slices,
