@@ -186,3 +186,22 @@ def test_sigint_interrupts_even_when_inherited_as_ignored(tmp_path):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=10) == 130
     assert time.perf_counter() - started < 5
+
+
+def test_bench_reports_every_stage_with_and_without_flips(untrained, tmp_path, capsys):
+    from glance.io import write_image
+
+    path = tmp_path / "small.nrrd"
+    hu = np.full((4, 48, 48), 40, np.int16)  # soft tissue around an air-filled "lung"
+    hu[:, 12:36, 10:38] = -850
+    write_image(Volume(hu, (0.7, 0.7, 2.5), (0.0, 0.0, 0.0), np.eye(3)), path)
+    runs = []
+    for flags in ([], ["--tta"]):
+        rc, out, err = _run(["bench", "--input", str(path), "--model", str(untrained), "--no-baseline",
+                             "--json", *flags], capsys)
+        assert rc == 0, err
+        runs.append(json.loads(out.splitlines()[0]))
+    assert [r["test_time_flips"] for r in runs] == [False, True]
+    for r in runs:
+        assert r["volume_kji"] == [4, 48, 48] and r["slices_through_model"] == 4
+        assert set(r["seconds"]) >= {"read", "preprocess", "model", "postprocess"}
