@@ -8,7 +8,6 @@ inference step is checked with an oracle network whose output is its input.
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
