@@ -93,6 +93,22 @@ def test_registered_versions_never_overwrite(cfg, tmp_path):
         resolve_model("nope")
 
 
+def test_a_volume_group_larger_than_the_cache_is_flagged(cfg, tmp_path, caplog):
+    # Here the crops stand in for volumes (same patch size); with phantoms each reload costs seconds.
+    from glance_training.train import Trainer
+
+    trainer = Trainer(replace(cfg, patch_size=32, cache_cases=4, workers=0), tmp_path / "run")
+    with caplog.at_level("WARNING", logger="glance_training.train"):
+        trainer._train_sets()
+    n = trainer.groups["train"][0].n_cases
+    assert f"{n} training volumes but cache_cases 4" in caplog.text
+    caplog.clear()
+    roomy = Trainer(replace(cfg, patch_size=32, cache_cases=n, workers=0), tmp_path / "run2")
+    with caplog.at_level("WARNING", logger="glance_training.train"):
+        roomy._train_sets()
+    assert "cache_cases" not in caplog.text
+
+
 def test_a_release_fine_tuned_from_its_own_name_is_the_next_minor_version():
     from types import SimpleNamespace
 

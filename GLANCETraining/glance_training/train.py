@@ -189,6 +189,11 @@ class Trainer:
             steps = -(-self.cfg.steps_per_epoch // len(self.groups["train"]))
             self._sets = [g.dataset(self.sampling, steps * self.cfg.batch, self.cfg.seed, augment=True)
                           for g in self.groups["train"]]
+            for g in self.groups["train"]:
+                if g.patch_size == self.cfg.patch_size and g.n_cases > self.cfg.cache_cases:
+                    # Whole volumes (phantoms above all: seconds each) beyond the cache are reloaded on most draws.
+                    log.warning("%d training volumes but cache_cases %d: the rest are reloaded on most draws; "
+                                "raise cache_cases to %d if memory allows", g.n_cases, self.cfg.cache_cases, g.n_cases)
             if self.cfg.workers:
                 for ds in self._sets:
                     ds.preload()
