@@ -154,3 +154,26 @@ def test_cli_rejects_bad_shape(capsys):
 
     with pytest.raises(SystemExit):
         main(["phantom", "--out", "x", "--shape", "12x-3"])
+
+
+def test_a_nodule_with_no_voxel_in_the_lungs_is_skipped_not_listed(monkeypatch):
+    # Regression: such a nodule was listed with an empty mask and a NaN centre (0/0 weights), and
+    # training crashed aiming a patch at it. Here one is placed in the air outside the body.
+    from dataclasses import replace
+
+    import glance.phantom.generate as generate
+
+    real = generate.place_nodules
+
+    def with_one_outside(n, grid, *args, **kw):
+        specs = real(n, grid, *args, **kw)
+        corner = np.array([grid.axis_mm(a)[3] for a in range(3)])
+        return [specs[0], replace(specs[1], centre=corner), *specs[1:]]
+
+    plain = _make(n=3)
+    monkeypatch.setattr(generate, "place_nodules", with_one_outside)
+    p = _make(n=3)
+    assert len(p.nodules) == len(plain.nodules) == 3
+    assert [n.id for n in p.nodules] == [1, 2, 3] and set(np.unique(p.labels)) == {0, 1, 2, 3}
+    assert all(np.isfinite(n.centre_lps).all() and n.label_voxels > 0 for n in p.nodules)
+    assert np.array_equal(p.ct.array, plain.ct.array) and np.array_equal(p.labels, plain.labels)

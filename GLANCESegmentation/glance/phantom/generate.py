@@ -58,7 +58,13 @@ def make_phantom(size_ijk=(512, 512, 240), spacing=(0.7, 0.7, 1.25), seed: int =
     specs = place_nodules(cfg.n_nodules, grid, anatomy, vessels, rng_nod, cfg.mix)
     labels = np.zeros(grid.shape, dtype=np.uint16)
     ct_grid = grid.volume(labels)  # geometry only
-    nodules = [_draw(hu, tissue, labels, grid, ct_grid, n + 1, s) for n, s in enumerate(specs)]
+    nodules = []
+    for spec in specs:
+        nodule = _draw(hu, tissue, labels, grid, ct_grid, len(nodules) + 1, spec)
+        if nodule is None:
+            log.info("nodule at LPS %s: no voxel of it lies in lung or vessel; skipped", np.round(spec.centre, 1))
+        else:
+            nodules.append(nodule)
     ct = grid.volume(apply_scanner(hu, grid, cfg.scanner, cfg.seed))
     del hu
     info = {
@@ -96,13 +102,20 @@ def _draw_trees(hu, tissue, grid: Grid, anatomy: Anatomy, rng, n_points: int, to
     return Tubes.concat([arteries, veins])
 
 
-def _draw(hu, tissue, labels, grid: Grid, ct_grid, nid: int, spec: NoduleSpec) -> PhantomNodule:
+def _draw(hu, tissue, labels, grid: Grid, ct_grid, nid: int, spec: NoduleSpec) -> PhantomNodule | None:
+    """Draw one nodule as label ``nid``; None (and the CT untouched) when no voxel of it can be labelled:
+    a nodule without voxels has no centre or volume, and training would aim at NaN."""
     occ = occupancy(grid, spec.centre, spec.shape)
     (k0, k1), (j0, j1), (i0, i1) = occ.box
     t_box = tissue[k0:k1, j0:j1, i0:i1]
-    weights = draw_nodule(hu[k0:k1, j0:j1, i0:i1], np.isin(t_box, _NODULE_ALLOWED), occ, spec)
+    hu_box = hu[k0:k1, j0:j1, i0:i1]
+    before = hu_box.copy()
+    weights = draw_nodule(hu_box, np.isin(t_box, _NODULE_ALLOWED), occ, spec)
     lab = labels[k0:k1, j0:j1, i0:i1]
     inside = (weights >= 0.5) & (lab == 0)
+    if not inside.any():
+        hu_box[...] = before
+        return None
     lab[inside] = nid
     t_box[inside] = Tissue.NODULE
     return measure(nid, weights, occ.box, ct_grid, int(inside.sum()), diameter_mm=spec.diameter_mm,
