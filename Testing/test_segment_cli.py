@@ -192,9 +192,9 @@ def test_bench_reports_every_stage_with_and_without_flips(untrained, tmp_path, c
     from glance.io import write_image
 
     path = tmp_path / "small.nrrd"
-    hu = np.full((4, 48, 48), 40, np.int16)  # soft tissue around an air-filled "lung"
-    hu[:, 12:36, 10:38] = -850
-    write_image(Volume(hu, (0.7, 0.7, 2.5), (0.0, 0.0, 0.0), np.eye(3)), path)
+    hu = np.full((16, 64, 64), 40, np.int16)  # soft tissue around a 29 ml air-filled "lung"
+    hu[5:11, 12:52, 12:52] = -850  # the lung crop (10 mm margin) keeps slices 1..14
+    write_image(Volume(hu, (1.0, 1.0, 3.0), (0.0, 0.0, 0.0), np.eye(3)), path)
     runs = []
     for flags in ([], ["--tta"]):
         rc, out, err = _run(["bench", "--input", str(path), "--model", str(untrained), "--no-baseline",
@@ -203,5 +203,5 @@ def test_bench_reports_every_stage_with_and_without_flips(untrained, tmp_path, c
         runs.append(json.loads(out.splitlines()[0]))
     assert [r["test_time_flips"] for r in runs] == [False, True]
     for r in runs:
-        assert r["volume_kji"] == [4, 48, 48] and r["slices_through_model"] == 4
+        assert r["volume_kji"] == [16, 64, 64] and r["slices_through_model"] == 14  # the lung crop's slices
         assert set(r["seconds"]) >= {"read", "preprocess", "model", "postprocess"}
