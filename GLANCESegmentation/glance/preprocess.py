@@ -83,7 +83,7 @@ def lung_crop(hu: np.ndarray, spacing: tuple[float, float, float]) -> Crop:
     def box(idx: np.ndarray, axis: int, scale: int) -> tuple[int, int]:
         margin = int(np.ceil(MARGIN_MM / spacing[axis]))
         lo, hi = int(idx[0]) * scale - margin, (int(idx[-1]) + 1) * scale + margin
-        return max(0, lo), min(shape[axis], hi)  # plain ints: the box goes into report.json
+        return max(0, lo), min(shape[axis], hi)  # plain ints: callers write the box as JSON (glance bench)
 
     return Crop(box(zs, 0, 1), box(ys, 1, step), box(xs, 2, step))
 
