@@ -109,6 +109,7 @@ class GLANCESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.resultsTable.connect("cellClicked(int,int)", self.onRowClicked)
         self.ui.resultsTable.connect("itemChanged(QTableWidgetItem*)", self.onItemChanged)
         self.ui.showSurfacesCheckBox.connect("toggled(bool)", self.onShowSurfaces)
+        self.ui.flipAveragingCheckBox.connect("toggled(bool)", self.onFlipAveragingToggled)
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
 
@@ -166,8 +167,14 @@ class GLANCESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.modelCardBrowser.setHtml(self.logic.modelCardHtml(entry) if entry else "")
         if entry is not None and entry.ref != self._thresholdsModel:  # not on every visit: keep the user's choice
             self._thresholdsModel = entry.ref
-            self.setThresholds(*self.logic.defaultThresholds(entry.ref))
+            self.setThresholds(*self.logic.defaultThresholds(entry.ref, self.ui.flipAveragingCheckBox.checked))
         self.updateButtons()
+
+    def onFlipAveragingToggled(self, checked):
+        """The sliders move to the model's operating point for that mode (its card may calibrate both)."""
+        entry = self.logic.modelByRef(self.ui.modelSelector.currentData)
+        if entry is not None:
+            self.setThresholds(*self.logic.defaultThresholds(entry.ref, checked))
 
     def setThresholds(self, segThreshold, detThreshold):
         """The sliders at a model's thresholds, without re-filtering the result on screen (another model's)."""
@@ -359,9 +366,10 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
         return f"<h4>{html.escape(entry.name)} {html.escape(str(entry.version))}</h4><table>{rows}</table>"
 
     @staticmethod
-    def defaultThresholds(ref):
-        """(segmentation, detection): the model card's calibrated values, else the engine's defaults."""
-        return engine().registry.default_thresholds(ref)
+    def defaultThresholds(ref, flipAveraging=False):
+        """(segmentation, detection): the model card's calibrated values (for runs with flip averaging when
+        asked and calibrated), else the engine's defaults."""
+        return engine().registry.default_thresholds(ref, flipAveraging)
 
     def deviceChoices(self):
         choices = [(_("Automatic"), "auto"), (_("CPU"), "cpu")]

@@ -135,8 +135,44 @@ def test_card_thresholds_drive_segment_defaults_and_explicit_values_win():
     assert plain.threshold_sources["segmentation"] == "built-in default"
 
 
+def test_flip_averaged_runs_use_the_cards_flip_thresholds():
+    from glance.infer import InferenceOptions
+    from glance.model.weights import ModelCard
+    from glance.pipeline import SegmentOptions, with_model_thresholds
+
+    flips = SegmentOptions(inference=InferenceOptions(tta=True))
+    card = ModelCard("m", "1", {}, thresholds={"segmentation": 0.05, "detection": 0.4,
+                                               "with_flips": {"segmentation": 0.15, "detection": 0.35}})
+    chosen = with_model_thresholds(flips, card)
+    assert (chosen.postprocess.seg_threshold, chosen.postprocess.det_threshold) == (0.15, 0.35)
+    assert set(chosen.threshold_sources.values()) == {"model card (calibrated with flips)"}
+    plain = with_model_thresholds(SegmentOptions(), card)
+    assert (plain.postprocess.seg_threshold, plain.postprocess.det_threshold) == (0.05, 0.4)
+    # A card calibrated without flips serves flip-averaged runs too, and says so.
+    only_plain = ModelCard("m", "1", {}, thresholds={"segmentation": 0.05, "detection": 0.4})
+    fallback = with_model_thresholds(flips, only_plain)
+    assert (fallback.postprocess.seg_threshold, fallback.threshold_sources["segmentation"]) == (
+        0.05, "model card (calibrated)")
+
+
+def test_writing_one_kind_of_calibration_keeps_the_other(tmp_path):
+    from glance.model.weights import ModelCard, read_card
+    from glance_training.calibrate import Calibration, CalibrationConfig, write_to_card
+
+    (tmp_path / "card.json").write_text(ModelCard("m", "1", {}, thresholds={"segmentation": 0.05,
+                                                                             "detection": 0.4}).to_json())
+    write_to_card(tmp_path, Calibration(0.15, 0.35, [], CalibrationConfig(data=["x"], tta=True)))
+    both = read_card(tmp_path).thresholds
+    assert (both["segmentation"], both["detection"]) == (0.05, 0.4)
+    assert (both["with_flips"]["segmentation"], both["with_flips"]["calibration"]["flip_averaging"]) == (0.15, True)
+    write_to_card(tmp_path, Calibration(0.1, 0.45, [], CalibrationConfig(data=["x"])))
+    again = read_card(tmp_path).thresholds
+    assert (again["segmentation"], again["with_flips"]["segmentation"]) == (0.1, 0.15)
+
+
 @pytest.mark.parametrize("thresholds", [{"segmentation": 1.5}, {"detection": 0}, {"detection": "high"},
-                                        {"segmentation": True}, []])
+                                        {"segmentation": True}, [], {"with_flips": {"segmentation": 2.0}},
+                                        {"with_flips": "0.2"}])
 def test_a_card_with_impossible_thresholds_is_refused(tmp_path, thresholds):
     from glance.errors import ModelError
     from glance.model.weights import ModelCard, read_card

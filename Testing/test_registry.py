@@ -40,6 +40,8 @@ def home(tmp_path, monkeypatch):
                                                      "calibration": CALIBRATION})
     _register(tmp_path, "site-plain", "2.0.0")
     _register(tmp_path, "site-half", "1.0.0", {"segmentation": 0.4})
+    _register(tmp_path, "site-flips", "1.0.0", {"segmentation": 0.05, "detection": 0.4,
+                                                "with_flips": {"segmentation": 0.15, "detection": 0.35}})
     return tmp_path
 
 
@@ -50,6 +52,9 @@ def test_default_thresholds_are_the_cards_calibrated_values_else_the_engines(hom
     assert registry.default_thresholds("site-plain@2.0.0") == (runner.DEFAULT_SEG_THRESHOLD,
                                                                 runner.DEFAULT_DET_THRESHOLD)
     assert registry.default_thresholds("site-half") == (0.4, runner.DEFAULT_DET_THRESHOLD)
+    assert registry.default_thresholds("site-flips", flips=True) == (0.15, 0.35)
+    assert registry.default_thresholds("site-flips") == (0.05, 0.4)
+    assert registry.default_thresholds("site-calibrated", flips=True) == (0.35, 0.15)  # none for flips: the plain ones
     with pytest.raises(ModelError, match="no model 'site-gone'"):
         registry.default_thresholds("site-gone")
 
@@ -84,6 +89,10 @@ def test_thresholds_text_says_which_are_calibrated_and_how():
     )
     assert registry.thresholds_text({"detection": 0.2}) == (
         "segmentation 0.5 (engine default), detection 0.2 (calibrated); calibration: not recorded")
+    assert registry.thresholds_text({"segmentation": 0.05, "detection": 0.4, "calibration": "on val",
+                                     "with_flips": {"segmentation": 0.15, "detection": 0.4}}) == (
+        "segmentation 0.05 (calibrated), detection 0.4 (calibrated); calibration: on val; with flip averaging: "
+        "segmentation 0.15 (calibrated), detection 0.4 (calibrated); calibration: not recorded")
     # Free-form "calibration": whatever a person or another tool wrote stays one line.
     assert registry.thresholds_text({"segmentation": 0.4, "calibration": "by eye\non 3 scans"}) == (
         "segmentation 0.4 (calibrated), detection 0.3 (engine default); calibration: by eye on 3 scans")

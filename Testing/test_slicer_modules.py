@@ -484,6 +484,19 @@ def test_device_choices(modules):
     assert all(value.startswith("cuda") for _title, value in choices[2:])
 
 
+def test_sliders_follow_the_operating_point_of_the_chosen_mode(modules, tmp_path, monkeypatch):
+    from glance.model.weights import CARD_FILE, ModelCard
+
+    monkeypatch.setenv("GLANCE_HOME", str(tmp_path))
+    folder = tmp_path / "models" / "site-1.0.0"
+    folder.mkdir(parents=True)
+    thresholds = {"segmentation": 0.05, "detection": 0.4, "with_flips": {"segmentation": 0.15, "detection": 0.35}}
+    (folder / CARD_FILE).write_text(ModelCard("site", "1.0.0", config={}, thresholds=thresholds).to_json())
+    logic = modules.GLANCESegmentation.GLANCESegmentationLogic
+    assert logic.defaultThresholds("site") == (0.05, 0.4)
+    assert logic.defaultThresholds("site", flipAveraging=True) == (0.15, 0.35)
+
+
 def test_flip_averaging_starts_on_only_with_a_gpu(modules):
     logic = modules.GLANCESegmentation.GLANCESegmentationLogic
     cpu_only = [("Automatic", "auto"), ("CPU", "cpu")]

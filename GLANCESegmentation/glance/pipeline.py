@@ -97,16 +97,20 @@ def with_model_thresholds(options: SegmentOptions, card) -> SegmentOptions:
     """``options`` with final post-processing thresholds for ``card``'s model, and where each came from."""
     from dataclasses import replace
 
+    from glance.model.card import FLIPS_KEY
     from glance.model.weights import recommended_thresholds
 
-    recommended = recommended_thresholds(card.thresholds)
+    flips = options.inference.tta
+    recommended = recommended_thresholds(card.thresholds, flips)
+    calibrated = ("model card (calibrated with flips)" if flips and card.thresholds.get(FLIPS_KEY) is not None
+                  else "model card (calibrated)")
     chosen, sources = {}, {}
     for key, explicit, field_name in (("segmentation", options.seg_threshold, "seg_threshold"),
                                       ("detection", options.det_threshold, "det_threshold")):
         if explicit is not None:
             chosen[field_name], sources[key] = float(explicit), "requested"
         elif key in recommended:
-            chosen[field_name], sources[key] = recommended[key], "model card (calibrated)"
+            chosen[field_name], sources[key] = recommended[key], calibrated
         else:
             chosen[field_name], sources[key] = getattr(options.postprocess, field_name), "built-in default"
     # The explicit fields stay as given: resolving again (segment_volume after run_segment) gives the same.

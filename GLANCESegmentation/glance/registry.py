@@ -107,19 +107,20 @@ def next_version_dir(name: str) -> tuple[str, Path]:
     return version, user_models_dir() / f"{name}-{version}"
 
 
-def default_thresholds(model_ref: str | None = None) -> tuple[float, float]:
-    """(segmentation, detection) thresholds a run of ``model_ref`` uses when none are given."""
+def default_thresholds(model_ref: str | None = None, flips: bool = False) -> tuple[float, float]:
+    """(segmentation, detection) thresholds a run of ``model_ref`` uses when none are given
+    (``flips``: a run with flip averaging, ``--tta``)."""
     from glance.model.card import read_card
 
-    return operating_thresholds(read_card(resolve_model(model_ref)).thresholds)
+    return operating_thresholds(read_card(resolve_model(model_ref)).thresholds, flips)
 
 
-def operating_thresholds(thresholds: dict) -> tuple[float, float]:
+def operating_thresholds(thresholds: dict, flips: bool = False) -> tuple[float, float]:
     """A card's calibrated (segmentation, detection) thresholds; the engine's default for any it lacks."""
     from glance.model.card import recommended_thresholds
     from glance.runner import DEFAULT_DET_THRESHOLD, DEFAULT_SEG_THRESHOLD
 
-    calibrated = recommended_thresholds(thresholds)
+    calibrated = recommended_thresholds(thresholds, flips)
     return calibrated.get("segmentation", DEFAULT_SEG_THRESHOLD), calibrated.get("detection", DEFAULT_DET_THRESHOLD)
 
 
@@ -141,7 +142,7 @@ def card_summary(card: dict) -> list[tuple[str, str]]:
 
 def thresholds_text(thresholds: dict) -> str:
     """The thresholds a run uses with this card, whether each is calibrated, and how it was calibrated."""
-    from glance.model.card import THRESHOLD_KEYS, card_text, recommended_thresholds
+    from glance.model.card import FLIPS_KEY, THRESHOLD_KEYS, card_text, recommended_thresholds
 
     calibrated = recommended_thresholds(thresholds)
     values = dict(zip(THRESHOLD_KEYS, operating_thresholds(thresholds)))
@@ -152,4 +153,7 @@ def thresholds_text(thresholds: dict) -> str:
         text += f"; calibration: {card_text(how)}"
     elif calibrated:
         text += "; calibration: not recorded"
+    flips = thresholds.get(FLIPS_KEY)
+    if isinstance(flips, dict):
+        text += f"; with flip averaging: {thresholds_text(flips)}"
     return text

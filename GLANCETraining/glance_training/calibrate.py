@@ -46,6 +46,7 @@ class CalibrationConfig:
     device: str = "auto"
     batch: int = 8
     max_cases: int = 0
+    tta: bool = False  # calibrate on flip-averaged maps: the card's "with_flips" operating point
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Calibration:
                 "sensitivity_at_detection": self.at("sensitivity", self.detection),
                 "fp_per_scan_at_detection": self.at("fp_per_scan", self.detection),
                 "n_nodules": {s.spec: s.n_nodules for s in self.sources},
+                "flip_averaging": self.config.tta,
             },
         }
 
@@ -112,7 +114,7 @@ def calibrate(cfg: CalibrationConfig, progress=None) -> Calibration:
         raise GlanceError("no calibration data: give --data KIND:PATH")
     if not 0.0 < cfg.target_sensitivity <= 1.0:
         raise GlanceError(f"--target-sensitivity must be in (0, 1], got {cfg.target_sensitivity}")
-    inference = InferenceOptions(cfg.device, cfg.batch)
+    inference = InferenceOptions(cfg.device, cfg.batch, tta=cfg.tta)
     network = load_network(SegmentOptions(model=cfg.model, inference=inference))
     groups = [_predict_source(spec, cfg, network, inference, progress) for spec in cfg.data]
     return choose_thresholds(groups, cfg)
@@ -242,12 +244,18 @@ def _relative(curve: SourceCurves, t: float) -> float:
 
 
 def write_to_card(model_folder: str | Path, calibration: Calibration) -> Path:
-    """Store the calibrated thresholds in the model's card (the weights are untouched)."""
+    """Store the calibrated thresholds in the model's card (the weights are untouched): a calibration on
+    flip-averaged maps becomes its ``with_flips`` entry, and each kind keeps the other's."""
     from glance.io import atomic_write_text
+    from glance.model.card import FLIPS_KEY
     from glance.model.weights import CARD_FILE, read_card
 
     card = read_card(model_folder)
-    card.thresholds = calibration.card_entry()
+    entry, old = calibration.card_entry(), dict(card.thresholds or {})
+    if calibration.config.tta:
+        card.thresholds = {**old, FLIPS_KEY: entry}
+    else:
+        card.thresholds = {**entry, **({FLIPS_KEY: old[FLIPS_KEY]} if FLIPS_KEY in old else {})}
     path = Path(model_folder) / CARD_FILE
     atomic_write_text(path, card.to_json())
     return path

@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-cases", type=int, default=0, help="use at most this many cases per source")
+    parser.add_argument("--tta", action="store_true",
+                        help="calibrate on flip-averaged maps; --write stores them as the card's with_flips thresholds")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from glance_training.calibrate import CalibrationConfig, calibrate, write_to_card
 
     cfg = CalibrationConfig(args.model, args.data, args.split, args.target_sensitivity, device=args.device,
-                            batch=args.batch, max_cases=args.max_cases)
+                            batch=args.batch, max_cases=args.max_cases, tta=args.tta)
     result = calibrate(cfg)
     if args.out:
         atomic_write_text(args.out, json.dumps(result.to_dict(), indent=2) + "\n")

@@ -84,17 +84,24 @@ def read_card(directory: str | Path) -> ModelCard:
         card = ModelCard(**data)
         card.glance_config  # validates the config
         recommended_thresholds(card.thresholds)
+        recommended_thresholds(card.thresholds, flips=True)
     except (TypeError, ValueError) as exc:
         raise ModelError(f"{path}: invalid model card ({exc})") from None
     return card
 
 
-def recommended_thresholds(thresholds: dict) -> dict[str, float]:
-    """The card's calibrated ``{"segmentation": p, "detection": h}`` (either may be absent).
+FLIPS_KEY = "with_flips"  # the operating point calibrated on flip-averaged maps (``--tta``)
+
+
+def recommended_thresholds(thresholds: dict, flips: bool = False) -> dict[str, float]:
+    """The card's calibrated ``{"segmentation": p, "detection": h}`` (either may be absent). With
+    ``flips``, those of its ``with_flips`` entry when it has one (calibrated on flip-averaged maps).
 
     Raises ValueError for a value that is not a probability strictly between 0 and 1."""
     if not isinstance(thresholds, dict):
         raise ValueError("thresholds must be an object")
+    if flips and thresholds.get(FLIPS_KEY) is not None:
+        return recommended_thresholds(thresholds[FLIPS_KEY])
     found = {}
     for key in THRESHOLD_KEYS:
         value = thresholds.get(key)
