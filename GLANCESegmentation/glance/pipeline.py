@@ -97,12 +97,11 @@ def with_model_thresholds(options: SegmentOptions, card) -> SegmentOptions:
     """``options`` with final post-processing thresholds for ``card``'s model, and where each came from."""
     from dataclasses import replace
 
-    from glance.model.card import FLIPS_KEY
-    from glance.model.weights import recommended_thresholds
+    from glance.model.card import recommended_thresholds, uses_flip_thresholds
 
     flips = options.inference.tta
     recommended = recommended_thresholds(card.thresholds, flips)
-    calibrated = ("model card (calibrated with flips)" if flips and card.thresholds.get(FLIPS_KEY) is not None
+    calibrated = ("model card (calibrated with flips)" if uses_flip_thresholds(card.thresholds, flips)
                   else "model card (calibrated)")
     chosen, sources = {}, {}
     for key, explicit, field_name in (("segmentation", options.seg_threshold, "seg_threshold"),

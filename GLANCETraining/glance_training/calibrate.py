@@ -251,11 +251,9 @@ def write_to_card(model_folder: str | Path, calibration: Calibration) -> Path:
     from glance.model.weights import CARD_FILE, read_card
 
     card = read_card(model_folder)
-    entry, old = calibration.card_entry(), dict(card.thresholds or {})
-    if calibration.config.tta:
-        card.thresholds = {**old, FLIPS_KEY: entry}
-    else:
-        card.thresholds = {**entry, **({FLIPS_KEY: old[FLIPS_KEY]} if FLIPS_KEY in old else {})}
+    entry, old = calibration.card_entry(), card.thresholds or {}
+    kept_flips = {key: old[key] for key in (FLIPS_KEY,) if key in old}
+    card.thresholds = {**old, FLIPS_KEY: entry} if calibration.config.tta else {**entry, **kept_flips}
     path = Path(model_folder) / CARD_FILE
     atomic_write_text(path, card.to_json())
     return path

@@ -16,11 +16,13 @@ UNET_DIMS = (48, 96, 192, 288)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from glance.cli.segment import add_tta_argument
+
     parser.add_argument("--input", help="CT to time (default: the built-in example phantom)")
     parser.add_argument("--model", help="model name or folder (default: glance-small)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    parser.add_argument("--tta", action="store_true", help="average the network over the in-plane flips")
+    add_tta_argument(parser)
     parser.add_argument("--no-baseline", action="store_true", help="skip the U-Net comparison")
     parser.add_argument("--json", action="store_true", help="one JSON object per device on stdout")
 

@@ -7,6 +7,8 @@ import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from glance.cli.segment import add_tta_argument
+
     parser.add_argument("--model", help="model name, NAME@VERSION or folder (default: glance-small)")
     parser.add_argument("--data", action="append", default=[], metavar="KIND:PATH",
                         help="labelled data, repeatable (same kinds as glance train); its validation "
@@ -21,8 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-cases", type=int, default=0, help="use at most this many cases per source")
-    parser.add_argument("--tta", action="store_true",
-                        help="calibrate on flip-averaged maps; --write stores them as the card's with_flips thresholds")
+    add_tta_argument(parser, more="; --write stores the result as the card's with_flips thresholds")
 
 
 def run(args: argparse.Namespace) -> int:

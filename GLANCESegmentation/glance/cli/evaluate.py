@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from glance.cli.segment import add_threshold_arguments, threshold_arguments
+from glance.cli.segment import add_threshold_arguments, add_tta_argument, threshold_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="glance-evaluation", help="report folder")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--tta", action="store_true", help="average the network over the four in-plane flips")
+    add_tta_argument(parser)
     add_threshold_arguments(parser)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CPM interval")
     parser.add_argument("--max-cases", type=int, default=0, help="score at most this many cases per source")

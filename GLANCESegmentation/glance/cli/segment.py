@@ -32,8 +32,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                         help="auto: fp16 autocast on GPU, fp32 on CPU")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    add_tta_argument(parser)
+
+
+def add_tta_argument(parser: argparse.ArgumentParser, more: str = "") -> None:
     parser.add_argument("--tta", action="store_true",
-                        help="average the network over the four in-plane flips (4x the model time)")
+                        help="average the network over the four in-plane flips (4x the model time)" + more)
 
 
 def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:

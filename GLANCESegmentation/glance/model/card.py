@@ -93,6 +93,11 @@ def read_card(directory: str | Path) -> ModelCard:
 FLIPS_KEY = "with_flips"  # the operating point calibrated on flip-averaged maps (``--tta``)
 
 
+def uses_flip_thresholds(thresholds: dict, flips: bool) -> bool:
+    """Whether a run (with flip averaging when ``flips``) takes the card's ``with_flips`` operating point."""
+    return flips and thresholds.get(FLIPS_KEY) is not None
+
+
 def recommended_thresholds(thresholds: dict, flips: bool = False) -> dict[str, float]:
     """The card's calibrated ``{"segmentation": p, "detection": h}`` (either may be absent). With
     ``flips``, those of its ``with_flips`` entry when it has one (calibrated on flip-averaged maps).
@@ -100,7 +105,7 @@ def recommended_thresholds(thresholds: dict, flips: bool = False) -> dict[str, f
     Raises ValueError for a value that is not a probability strictly between 0 and 1."""
     if not isinstance(thresholds, dict):
         raise ValueError("thresholds must be an object")
-    if flips and thresholds.get(FLIPS_KEY) is not None:
+    if uses_flip_thresholds(thresholds, flips):
         return recommended_thresholds(thresholds[FLIPS_KEY])
     found = {}
     for key in THRESHOLD_KEYS:
