@@ -110,3 +110,24 @@ def test_noise_estimate_on_known_noise():
     rng = np.random.default_rng(0)
     arr = (40 + rng.normal(0, 12, (8, 64, 64))).round().astype(np.int16)
     assert noise_sd(Volume(arr, (1, 1, 1))) == pytest.approx(12, rel=0.1)
+
+
+def test_nodule_with_no_voxel_in_the_lung_is_skipped_and_leaves_the_ct_alone():
+    """A nodule whose every voxel falls outside the lung mask used to come back with no labelled
+    voxel and a NaN centre (0/0 weights), a finding without a mask; it is now skipped untouched.
+    The placer sees lung everywhere, the drawing sees none: the one case that reaches the guard."""
+    from glance.phantom.grid import Grid
+    from glance.phantom.insert import _insert_synthetic, _VoxelPlacer
+
+    ct = Volume(np.full((40, 40, 40), -850, np.int16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    lung_everywhere = np.ones(ct.shape, bool)
+    placer = _VoxelPlacer(Grid.of(ct), lung_everywhere, np.zeros(ct.shape, bool), ct.array,
+                          np.random.default_rng(0))
+    out = ct.array.astype(np.float32)
+    labels = np.zeros(ct.shape, np.uint16)
+    cfg = InsertConfig(mix=NoduleMix(diameter_mm=(8.0, 8.0)))
+    made = _insert_synthetic(out, labels, np.zeros(ct.shape, bool), placer, cfg, False, 1, ct,
+                             np.random.default_rng(1))
+    assert made is None
+    assert not labels.any()
+    np.testing.assert_array_equal(out, ct.array.astype(np.float32))

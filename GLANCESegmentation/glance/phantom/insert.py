@@ -126,7 +126,7 @@ def insert_nodules(ct: Volume, config: InsertConfig, crops: list[RealCrop] | Non
         else:
             made = _insert_synthetic(out, labels, lungs, placer, config, pleural, next_id, ct, rng)
         if made is None:
-            log.warning("inserted nodule %d: no free lung position found; skipped", n + 1)
+            log.warning("inserted nodule %d: no free lung position, or no voxel of it in the lung; skipped", n + 1)
             continue
         nodules.append(made)
         next_id += 1
@@ -214,10 +214,12 @@ def _insert_synthetic(out, labels, lungs, placer, config, pleural, nid, ct, rng)
     delta = ndimage.gaussian_filter(delta, sigma)
     footprint = ndimage.binary_dilation(total > 0, iterations=2)
     delta *= footprint
-    box += delta
     spec = NoduleSpec(centre, diameter, ntype, shape_name, "juxta-pleural" if pleural else "isolated", shape, hu, core_hu)
-    return _label(labels, occ.box, total, nid, ct, placer, spec.diameter_mm, ntype, shape_name, spec.attachment,
+    made = _label(labels, occ.box, total, nid, ct, placer, spec.diameter_mm, ntype, shape_name, spec.attachment,
                   hu, "synthetic", {"core_hu": core_hu} if core_hu is not None else {})
+    if made is not None:
+        box += delta
+    return made
 
 
 def _insert_real(out, labels, lungs, placer, crop: RealCrop, pleural, nid, ct, rng) -> PhantomNodule | None:
@@ -241,11 +243,12 @@ def _insert_real(out, labels, lungs, placer, crop: RealCrop, pleural, nid, ct, r
     box = ((int(lo[0]), int(hi[0])), (int(lo[1]), int(hi[1])), (int(lo[2]), int(hi[2])))
     sl = tuple(slice(a, b) for a, b in box)
     w = weight * lungs[sl]
-    out[sl] += w * (hu - out[sl])
-    patient = crop.name
-    return _label(labels, box, w, nid, ct, placer, crop.diameter_mm, "unknown", "real",
+    made = _label(labels, box, w, nid, ct, placer, crop.diameter_mm, "unknown", "real",
                   "juxta-pleural" if pleural else "isolated", float(np.mean(hu[weight >= 0.5])),
-                  f"lidc-crop:{patient}", {})
+                  f"lidc-crop:{crop.name}", {})
+    if made is not None:
+        out[sl] += w * (hu - out[sl])
+    return made
 
 
 def _resample_crop(crop: RealCrop, spacing) -> tuple[np.ndarray, np.ndarray]:
@@ -266,9 +269,14 @@ def _resample_crop(crop: RealCrop, spacing) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _label(labels, box, weights, nid, ct, placer, diameter, ntype, shape, attachment, mean_hu, source, extra):
+    """Label nodule ``nid`` and measure it; None, with nothing labelled, when no voxel of it would be
+    labelled (all of it outside the lung or under another label): the caller then leaves the CT
+    as it was, since a nodule without voxels has no centre and would be a finding with no mask."""
     (k0, k1), (j0, j1), (i0, i1) = box
     lab = labels[k0:k1, j0:j1, i0:i1]
     inside = (weights >= 0.5) & (lab == 0)
+    if not inside.any():
+        return None
     lab[inside] = nid
     placer.block(box, weights > 0)
     extra = dict(extra, footprint_bbox=[box[0][0], box[1][0], box[2][0], box[0][1], box[1][1], box[2][1]])
