@@ -173,3 +173,27 @@ def test_score_nodules_edge_cases():
     assert only.gt_label == 5 and only.pred_label == 0 and only.scores.hd95 == math.inf
     with pytest.raises(ValueError):
         score_nodules(empty.astype(float), gt, (1.0, 1.0, 1.0))
+
+
+def test_evaluation_separates_missed_nodules_from_outline_quality():
+    """Case a: nodule 1 (16 voxels) half-covered by a prediction (Dice 2*8/24 = 2/3), nodule 2 missed.
+    Case b: one nodule predicted exactly (Dice 1). Per nodule the miss counts as 0: (2/3 + 0 + 1) / 3;
+    per found nodule only the two outlines count: (2/3 + 1) / 2."""
+    from glance_training.evaluate import _Collected, _score, segmentation_summaries
+
+    gt_a = np.zeros((8, 8, 8), np.uint16)
+    gt_a[0:2, 0:2, 0:4] = 1
+    gt_a[5:7, 5:7, 5:7] = 2
+    pred_a = np.zeros_like(gt_a)
+    pred_a[0:2, 0:2, 0:2] = 1
+    gt_b = np.zeros((8, 8, 8), np.uint16)
+    gt_b[3:5, 3:5, 3:5] = 1
+    got = _Collected()
+    _score(got, "a", "phantom", pred_a, gt_a, (1.0, 1.0, 1.0))
+    _score(got, "b", "phantom", gt_b.copy(), gt_b, (1.0, 1.0, 1.0))
+    summaries = segmentation_summaries(got)
+    assert summaries["n_nodules_missed"] == 1
+    assert summaries["segmentation_per_nodule"]["dice"]["mean"] == pytest.approx((2 / 3 + 0 + 1) / 3)
+    assert summaries["segmentation_per_found_nodule"]["dice"]["mean"] == pytest.approx((2 / 3 + 1) / 2)
+    assert summaries["segmentation_per_found_nodule"]["dice"]["n"] == 2
+    assert summaries["segmentation_per_case"]["dice"]["mean"] == pytest.approx(((2 / 3 + 0) / 2 + 1) / 2)

@@ -108,6 +108,7 @@ def froc_inputs(loaded, prob, heatmap, cfg, score: str = "confidence"):
 class _Collected:
     rows: list[dict] = field(default_factory=list)
     per_case: dict = field(default_factory=dict)
+    found: list = field(default_factory=list)  # scores of the nodules a predicted instance overlaps
     candidates: dict = field(default_factory=dict)
     references: dict = field(default_factory=dict)
     excluded: dict = field(default_factory=dict)
@@ -122,6 +123,7 @@ def _score(collected: _Collected, case_id: str, source: str, pred, gt, spacing_k
         return
     scores = score_nodules(pred, gt, spacing_kji)
     collected.per_case[case_id] = [s.scores for s in scores]
+    collected.found += [s.scores for s in scores if s.pred_label]
     for s in scores:
         collected.rows.append({"case": case_id, "source": source, "gt_label": s.gt_label,
                                "pred_label": s.pred_label, **asdict(s.scores)})
@@ -166,9 +168,21 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     return _report(cfg, options, card, split, got)
 
 
+def segmentation_summaries(got: _Collected) -> dict:
+    """Per nodule (a missed nodule scores Dice 0), per case, and per found nodule: the outline
+    quality of the nodules the pipeline reports, apart from the ones it misses."""
+    from glance_training.metrics import summarize, summarize_cases
+
+    return {
+        "segmentation_per_nodule": summarize(s for v in got.per_case.values() for s in v).to_dict(),
+        "segmentation_per_case": summarize_cases(got.per_case).to_dict(),
+        "segmentation_per_found_nodule": summarize(got.found).to_dict(),
+        "n_nodules_missed": sum(len(v) for v in got.per_case.values()) - len(got.found),
+    }
+
+
 def _report(cfg: EvaluateConfig, options, card, split, got: _Collected) -> dict:
     from glance_training.froc import evaluate_froc, plot_froc
-    from glance_training.metrics import summarize, summarize_cases
 
     report = {
         "model": {"name": card.name, "version": card.version},
@@ -187,8 +201,7 @@ def _report(cfg: EvaluateConfig, options, card, split, got: _Collected) -> dict:
         "n_nodules_scored": len(got.rows),
     }
     if got.rows:
-        report["segmentation_per_nodule"] = summarize(s for v in got.per_case.values() for s in v).to_dict()
-        report["segmentation_per_case"] = summarize_cases(got.per_case).to_dict()
+        report.update(segmentation_summaries(got))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if got.scans:
