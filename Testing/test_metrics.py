@@ -178,7 +178,9 @@ def test_score_nodules_edge_cases():
 def test_evaluation_separates_missed_nodules_from_outline_quality():
     """Case a: nodule 1 (16 voxels) half-covered by a prediction (Dice 2*8/24 = 2/3), nodule 2 missed.
     Case b: one nodule predicted exactly (Dice 1). Per nodule the miss counts as 0: (2/3 + 0 + 1) / 3;
-    per found nodule only the two outlines count: (2/3 + 1) / 2."""
+    per found nodule only the two outlines count: (2/3 + 1) / 2. By size (Lung-RADS steps 6, 8, 15 mm,
+    lower edge included) and by kind, each group holds exactly its own nodules."""
+    from glance_training.datasets.cases import Annotation
     from glance_training.evaluate import _Collected, _score, segmentation_summaries
 
     gt_a = np.zeros((8, 8, 8), np.uint16)
@@ -189,9 +191,22 @@ def test_evaluation_separates_missed_nodules_from_outline_quality():
     gt_b = np.zeros((8, 8, 8), np.uint16)
     gt_b[3:5, 3:5, 3:5] = 1
     got = _Collected()
-    _score(got, "a", "phantom", pred_a, gt_a, (1.0, 1.0, 1.0))
-    _score(got, "b", "phantom", gt_b.copy(), gt_b, (1.0, 1.0, 1.0))
+    a_found = Annotation((0.0, 0.0, 0.0), 5.0, label=1, kind="solid, isolated")  # < 6 mm
+    a_missed = Annotation((0.0, 0.0, 0.0), 6.0, label=2, kind="ground-glass, isolated")  # 6-8 mm (6 is in)
+    b = Annotation((0.0, 0.0, 0.0), 15.0, label=1, kind="solid, isolated")  # >= 15 mm
+    _score(got, "a", "phantom", pred_a, gt_a, (1.0, 1.0, 1.0), [a_missed, a_found])
+    _score(got, "b", "phantom", gt_b.copy(), gt_b, (1.0, 1.0, 1.0), [b])
     summaries = segmentation_summaries(got)
+    assert summaries["by_size"] == {
+        "< 6 mm": {"n": 1, "n_found": 1, "found_fraction": 1.0, "dice_mean": pytest.approx(2 / 3),
+                   "dice_mean_found": pytest.approx(2 / 3)},
+        "6-8 mm": {"n": 1, "n_found": 0, "found_fraction": 0.0, "dice_mean": 0.0, "dice_mean_found": None},
+        ">= 15 mm": {"n": 1, "n_found": 1, "found_fraction": 1.0, "dice_mean": 1.0, "dice_mean_found": 1.0},
+    }
+    assert summaries["by_kind"]["solid, isolated"]["n"] == 2
+    assert summaries["by_kind"]["solid, isolated"]["dice_mean"] == pytest.approx((2 / 3 + 1) / 2)
+    assert summaries["by_kind"]["ground-glass, isolated"]["n_found"] == 0
+    assert [r["diameter_mm"] for r in got.rows] == [5.0, 6.0, 15.0]
     assert summaries["n_nodules_missed"] == 1
     assert summaries["segmentation_per_nodule"]["dice"]["mean"] == pytest.approx((2 / 3 + 0 + 1) / 3)
     assert summaries["segmentation_per_found_nodule"]["dice"]["mean"] == pytest.approx((2 / 3 + 1) / 2)

@@ -118,6 +118,7 @@ def main() -> None:
         "crops_dice_per_nodule": results["crops"]["segmentation_per_nodule"]["dice"],
         "crops_n": results["crops"]["n_nodules_scored"],
         "crops_n_missed": results["crops"]["n_nodules_missed"],
+        "crops_by_size": results["crops"]["by_size"],
         "full_scans": {
             "detection_cpm": results["full_scans"]["detection"]["cpm"],
             "sensitivity_at_1fp": _sens_at(results["full_scans"]["detection"], 1.0),
@@ -130,6 +131,8 @@ def main() -> None:
             "dice_per_nodule": results["phantoms"]["segmentation_per_nodule"]["dice"],
             "dice_per_found_nodule": results["phantoms"]["segmentation_per_found_nodule"]["dice"],
             "n_missed_at_default_thresholds": results["phantoms"]["n_nodules_missed"],
+            "by_size": results["phantoms"]["by_size"],
+            "by_kind": results["phantoms"]["by_kind"],
             "sensitivity_at_1fp": _sens_at(results["phantoms"]["detection"], 1.0),
             "cpm": results["phantoms"]["detection"]["cpm"],
             "n_nodules": results["phantoms"]["detection"]["n_nodules"],

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -116,7 +117,8 @@ class _Collected:
     seriesuids: dict = field(default_factory=dict)  # scan -> name in candidates.csv
 
 
-def _score(collected: _Collected, case_id: str, source: str, pred, gt, spacing_kji) -> None:
+def _score(collected: _Collected, case_id: str, source: str, pred, gt, spacing_kji, annotations=()) -> None:
+    """Score one case; ``annotations`` (its findings) give each labelled nodule its diameter and kind."""
     from glance_training.metrics import score_nodules
 
     if gt is None:
@@ -124,9 +126,42 @@ def _score(collected: _Collected, case_id: str, source: str, pred, gt, spacing_k
     scores = score_nodules(pred, gt, spacing_kji)
     collected.per_case[case_id] = [s.scores for s in scores]
     collected.found += [s.scores for s in scores if s.pred_label]
+    by_label = {a.label: a for a in annotations if a.label}
     for s in scores:
+        a = by_label.get(s.gt_label)
         collected.rows.append({"case": case_id, "source": source, "gt_label": s.gt_label,
+                               "diameter_mm": a.diameter_mm if a else math.nan, "kind": a.kind if a else "",
                                "pred_label": s.pred_label, **asdict(s.scores)})
+
+
+# Lung-RADS solid-nodule size steps (mm): the sizes at which a reader's management changes.
+SIZE_EDGES_MM = (6.0, 8.0, 15.0)
+
+
+def _size_group(diameter_mm: float) -> str:
+    if not math.isfinite(diameter_mm) or diameter_mm <= 0:
+        return "unknown size"
+    lower = [e for e in SIZE_EDGES_MM if e <= diameter_mm]
+    upper = [e for e in SIZE_EDGES_MM if e > diameter_mm]
+    if not lower:
+        return f"< {upper[0]:g} mm"
+    return f">= {lower[-1]:g} mm" if not upper else f"{lower[-1]:g}-{upper[0]:g} mm"
+
+
+def _breakdown(rows: list[dict], key) -> dict[str, dict]:
+    """Per group of nodules (``key(row)``): how many, how many found, Dice with misses as 0 and
+    Dice of the found ones."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(key(row), []).append(row)
+    out = {}
+    for name in sorted(groups):
+        dice = np.array([r["dice"] for r in groups[name]], float)
+        found = np.array([bool(r["pred_label"]) for r in groups[name]])
+        out[name] = {"n": int(dice.size), "n_found": int(found.sum()), "found_fraction": float(found.mean()),
+                     "dice_mean": float(dice.mean()),
+                     "dice_mean_found": float(dice[found].mean()) if found.any() else None}
+    return out
 
 
 def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
@@ -154,10 +189,10 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
             spacing_kji = tuple(reversed(loaded.ct.spacing))
             if spec.kind in CROP_KINDS:
                 _score(got, loaded.case_id, spec.kind, _crop_prediction(loaded, network, options),
-                       loaded.labels, spacing_kji)
+                       loaded.labels, spacing_kji, loaded.nodules)
             else:
                 analysis = segment_volume(loaded.ct, network, options)
-                _score(got, loaded.case_id, spec.kind, analysis.labels, loaded.labels, spacing_kji)
+                _score(got, loaded.case_id, spec.kind, analysis.labels, loaded.labels, spacing_kji, loaded.nodules)
                 cands, refs, excl = froc_inputs(loaded, analysis.prob, analysis.heatmap, options.postprocess)
                 got.scans.append(loaded.case_id)
                 got.seriesuids[loaded.case_id] = case.metadata.get("seriesuid", loaded.case_id)
@@ -178,6 +213,9 @@ def segmentation_summaries(got: _Collected) -> dict:
         "segmentation_per_case": summarize_cases(got.per_case).to_dict(),
         "segmentation_per_found_nodule": summarize(got.found).to_dict(),
         "n_nodules_missed": sum(len(v) for v in got.per_case.values()) - len(got.found),
+        "by_size": _breakdown(got.rows, lambda r: _size_group(r["diameter_mm"])),
+        **({"by_kind": _breakdown(got.rows, lambda r: r["kind"] or "unknown")}
+           if any(r["kind"] for r in got.rows) else {}),
     }
 
 

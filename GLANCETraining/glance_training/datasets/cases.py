@@ -45,6 +45,7 @@ class Annotation:
     diameter_mm: float
     excluded: bool = False
     label: int = 0
+    kind: str = ""  # what the finding is, where the source says (phantoms: "solid, juxta-vascular")
 
 
 @dataclass

@@ -40,7 +40,8 @@ def _derived_seed(seed: int, n: int) -> int:
 
 
 def _annotations(phantom_nodules) -> list[Annotation]:
-    return [Annotation(tuple(float(v) for v in n.centre_lps), float(n.diameter_mm), label=int(n.id))
+    return [Annotation(tuple(float(v) for v in n.centre_lps), float(n.diameter_mm), label=int(n.id),
+                       kind=f"{n.nodule_type}, {n.attachment}")
             for n in phantom_nodules]
 
 
