@@ -205,3 +205,20 @@ def test_bench_reports_every_stage_with_and_without_flips(untrained, tmp_path, c
     for r in runs:
         assert r["volume_kji"] == [16, 64, 64] and r["slices_through_model"] == 14  # the lung crop's slices
         assert set(r["seconds"]) >= {"read", "preprocess", "model", "postprocess"}
+
+
+@pytest.mark.skipif(not (DATA / "lidc-maxslice-crops").is_dir(), reason="shared/data/lidc-maxslice-crops is not present")
+def test_evaluate_prints_misses_and_sizes_that_match_its_csv(tmp_path, capsys):
+    """The summary glance evaluate prints (and the Slicer module shows) agrees with its own nodules.csv."""
+    import csv
+
+    out = tmp_path / "ev"
+    rc, text, err = _run(["evaluate", "--data", f"maxslice:{DATA / 'lidc-maxslice-crops'}", "--max-cases", "4",
+                          "--out", str(out)], capsys)
+    assert rc == 0, err
+    summary = json.loads(text[: text.rindex("}") + 1])
+    rows = list(csv.DictReader(open(out / "nodules.csv")))
+    assert summary["n_nodules_scored"] == len(rows) == 4
+    assert summary["n_nodules_missed"] == sum(r["pred_label"] == "0" for r in rows)
+    assert sum(g["n"] for g in summary["by_size"].values()) == 4
+    assert all(float(r["diameter_mm"]) > 0 for r in rows)

@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     summary = {k: report[k] for k in ("model", "n_nodules_scored") if k in report}
     if "segmentation_per_nodule" in report:
         summary["dice_per_nodule"] = report["segmentation_per_nodule"]["dice"]
+        summary["dice_per_found_nodule"] = report["segmentation_per_found_nodule"]["dice"]
+        summary["n_nodules_missed"] = report["n_nodules_missed"]
+        summary["by_size"] = report["by_size"]
     if "detection" in report:
         d = report["detection"]
         summary["cpm"] = d["cpm"]
