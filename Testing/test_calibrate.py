@@ -200,3 +200,38 @@ def test_evaluate_and_calibrate_cut_a_crop_at_the_same_voxels(monkeypatch):
     assert np.array_equal(evaluated, case.loaded.labels > 0)
     curve = choose_thresholds([("crops", [case], False)], CalibrationConfig(data=["crops"])).sources[0]
     assert curve.dice[0.2] == 1.0 and curve.dice[0.25] < 1.0
+
+
+def test_detection_threshold_is_raised_to_the_false_positive_budget():
+    """Crop nodules peak at 0.31, so the sensitivity rule alone picks 0.30; there the volume has its
+    look-alike (peak 0.40) as one false positive. Within a budget of 1 per scan, 0.30 stands; with a
+    budget of 0.5 the threshold rises to 0.45, the lowest above the look-alike."""
+    from glance_training.calibrate import CalibrationConfig, choose_thresholds
+
+    def groups():
+        crops = [_crop_case(n) for n in range(3)]
+        for c in crops:
+            c.heat[0, 20, 20] = _u8(0.31)
+        return [("crops", crops, False), ("volumes", [_volume_case()], True)]
+
+    loose = choose_thresholds(groups(), CalibrationConfig(data=["crops", "volumes"]))
+    assert loose.detection == 0.3
+    assert loose.card_entry()["calibration"]["fp_per_scan_at_detection"] == {"volumes": 1.0}
+    tight = choose_thresholds(groups(), CalibrationConfig(data=["crops", "volumes"], max_fp_per_scan=0.5))
+    assert tight.detection == 0.45
+    entry = tight.card_entry()["calibration"]
+    assert entry["fp_per_scan_at_detection"] == {"volumes": 0.0}
+    assert entry["sensitivity_at_detection"] == {"crops": 0.0, "volumes": 1.0}
+    assert "<= 0.5 false positives per validation volume" in entry["rule"]
+
+
+def test_false_positive_budget_edges():
+    from glance_training.calibrate import SourceCurves, _lowest_within_fp_budget
+
+    grid = (0.1, 0.2, 0.3)
+    crops_only = [SourceCurves("crops", False, sensitivity={t: 1.0 for t in grid})]
+    assert _lowest_within_fp_budget(crops_only, grid, 0.0) == 0.1  # no volumes: no constraint
+    noisy = SourceCurves("v", True, fp_per_scan={0.1: 9.0, 0.2: 5.0, 0.3: 2.0})
+    assert _lowest_within_fp_budget([noisy], grid, 1.0) == 0.3  # never within: the highest
+    quiet = SourceCurves("w", True, fp_per_scan={0.1: 1.0, 0.2: 0.0, 0.3: 0.0})
+    assert _lowest_within_fp_budget([noisy, quiet], grid, 3.0) == 0.2  # mean (5 + 0) / 2 = 2.5

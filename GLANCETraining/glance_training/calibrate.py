@@ -14,8 +14,11 @@ puts nodule boundaries well below p = 0.5, so a fixed 0.5 under-segments. The th
   equally). Relative, because a nodule the network misses at every threshold cannot be bought
   back by lowering it, and a reading aid should lose few of the ones it can find. A nodule in a
   crop is found when the heatmap peaks at or above the threshold inside its mask; in a volume,
-  when a candidate of the pipeline hits it by the LUNA16 rule. False positives per scan at that
-  threshold are reported for the volumes (phantoms have far fewer look-alikes than real lungs).
+  when a candidate of the pipeline hits it by the LUNA16 rule. The detection threshold is then
+  raised, if needed, until the validation volumes average at most ``max_fp_per_scan`` false
+  positives (default 1, the operating point the detection targets are stated at). The false
+  positives per scan at the chosen threshold are reported. Phantoms have far fewer look-alikes
+  than real lungs, so real scans show more.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class CalibrationConfig:
     data: list[str] = field(default_factory=list)
     split: str = "val"  # val (default) | all; never test: test numbers must not choose thresholds
     target_sensitivity: float = 0.9
+    max_fp_per_scan: float = 1.0  # on the validation volumes, at the chosen detection threshold
     seg_grid: tuple[float, ...] = SEG_GRID
     det_grid: tuple[float, ...] = DET_GRID
     device: str = "auto"
@@ -82,7 +86,8 @@ class Calibration:
                 "split": self.config.split,
                 "rule": (f"segmentation: best mean per-nodule Dice (sources weighted equally); detection: "
                          f"highest heatmap threshold keeping >= {self.config.target_sensitivity:g} of the sensitivity "
-                         f"reachable at any threshold (sources weighted equally)"),
+                         f"reachable at any threshold (sources weighted equally), raised if needed to <= "
+                         f"{self.config.max_fp_per_scan:g} false positives per validation volume"),
                 "dice_at_segmentation": self.at("dice", self.segmentation),
                 "sensitivity_at_detection": self.at("sensitivity", self.detection),
                 "fp_per_scan_at_detection": self.at("fp_per_scan", self.detection),
@@ -114,6 +119,8 @@ def calibrate(cfg: CalibrationConfig, progress=None) -> Calibration:
         raise GlanceError("no calibration data: give --data KIND:PATH")
     if not 0.0 < cfg.target_sensitivity <= 1.0:
         raise GlanceError(f"--target-sensitivity must be in (0, 1], got {cfg.target_sensitivity}")
+    if not cfg.max_fp_per_scan >= 0.0:
+        raise GlanceError(f"--max-fp-per-scan must be >= 0, got {cfg.max_fp_per_scan}")
     inference = InferenceOptions(cfg.device, cfg.batch, tta=cfg.tta)
     network = load_network(SegmentOptions(model=cfg.model, inference=inference))
     groups = [_predict_source(spec, cfg, network, inference, progress) for spec in cfg.data]
@@ -129,7 +136,8 @@ def choose_thresholds(groups: list[tuple[str, list[CaseMaps], bool]], cfg: Calib
     seg = _best_segmentation([c for c in curves if c.dice], cfg.seg_grid)
     for curve, (_, cases, volumetric) in zip(curves, groups):
         _det_curve(curve, cases, volumetric, seg, cfg)
-    det = _best_detection(curves, cfg.det_grid, cfg.target_sensitivity)
+    det = max(_best_detection(curves, cfg.det_grid, cfg.target_sensitivity),
+              _lowest_within_fp_budget(curves, cfg.det_grid, cfg.max_fp_per_scan))
     log.info("calibrated: segmentation %.2f, detection %.2f", seg, det)
     return Calibration(seg, det, curves, cfg)
 
@@ -235,6 +243,17 @@ def _best_detection(curves: list[SourceCurves], grid, target: float) -> float:
         raise GlanceError("no nodules to calibrate detection on")
     relative = {t: np.mean([_relative(c, t) for c in usable]) for t in grid}
     return max(t for t in grid if relative[t] >= target or t == min(grid))
+
+
+def _lowest_within_fp_budget(curves: list[SourceCurves], grid, budget: float) -> float:
+    """The lowest threshold at which the volumetric sources average at most ``budget`` false positives
+    per scan (each source counting equally); the grid's lowest when there are no volumes, its highest
+    when no threshold is low enough in false positives."""
+    volumes = [c for c in curves if c.fp_per_scan]
+    if not volumes:
+        return min(grid)
+    within = [t for t in grid if np.mean([c.fp_per_scan[t] for c in volumes]) <= budget]
+    return min(within) if within else max(grid)
 
 
 def _relative(curve: SourceCurves, t: float) -> float:

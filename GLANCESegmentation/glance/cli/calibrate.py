@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the model never trained on)")
     parser.add_argument("--target-sensitivity", type=float, default=0.9,
                         help="detection threshold: the highest keeping this share of the nodules found at the lowest one")
+    parser.add_argument("--max-fp-per-scan", type=float, default=1.0,
+                        help="then raise the detection threshold until the validation volumes average at most "
+                             "this many false positives per scan (default 1)")
     parser.add_argument("--write", action="store_true", help="store the thresholds in the model's card")
     parser.add_argument("--out", help="also write the full calibration curves to this JSON file")
     parser.add_argument("--device", default="auto")
@@ -31,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from glance.registry import resolve_model
     from glance_training.calibrate import CalibrationConfig, calibrate, write_to_card
 
-    cfg = CalibrationConfig(args.model, args.data, args.split, args.target_sensitivity, device=args.device,
-                            batch=args.batch, max_cases=args.max_cases, tta=args.tta)
+    cfg = CalibrationConfig(args.model, args.data, args.split, args.target_sensitivity, args.max_fp_per_scan,
+                            device=args.device, batch=args.batch, max_cases=args.max_cases, tta=args.tta)
     result = calibrate(cfg)
     if args.out:
         atomic_write_text(args.out, json.dumps(result.to_dict(), indent=2) + "\n")
