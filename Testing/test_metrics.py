@@ -203,6 +203,7 @@ def test_evaluation_separates_missed_nodules_from_outline_quality():
         "6-8 mm": {"n": 1, "n_found": 0, "found_fraction": 0.0, "dice_mean": 0.0, "dice_mean_found": None},
         ">= 15 mm": {"n": 1, "n_found": 1, "found_fraction": 1.0, "dice_mean": 1.0, "dice_mean_found": 1.0},
     }
+    assert list(summaries["by_size"]) == ["< 6 mm", "6-8 mm", ">= 15 mm"]  # smallest first
     assert summaries["by_kind"]["solid, isolated"]["n"] == 2
     assert summaries["by_kind"]["solid, isolated"]["dice_mean"] == pytest.approx((2 / 3 + 1) / 2)
     assert summaries["by_kind"]["ground-glass, isolated"]["n_found"] == 0

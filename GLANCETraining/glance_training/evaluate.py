@@ -136,26 +136,26 @@ def _score(collected: _Collected, case_id: str, source: str, pred, gt, spacing_k
 
 # Lung-RADS solid-nodule size steps (mm): the sizes at which a reader's management changes.
 SIZE_EDGES_MM = (6.0, 8.0, 15.0)
+SIZE_GROUPS = (f"< {SIZE_EDGES_MM[0]:g} mm",
+               *(f"{a:g}-{b:g} mm" for a, b in zip(SIZE_EDGES_MM, SIZE_EDGES_MM[1:])),
+               f">= {SIZE_EDGES_MM[-1]:g} mm", "unknown size")  # smallest first
 
 
 def _size_group(diameter_mm: float) -> str:
+    """The size group of a diameter; a group includes its lower edge."""
     if not math.isfinite(diameter_mm) or diameter_mm <= 0:
-        return "unknown size"
-    lower = [e for e in SIZE_EDGES_MM if e <= diameter_mm]
-    upper = [e for e in SIZE_EDGES_MM if e > diameter_mm]
-    if not lower:
-        return f"< {upper[0]:g} mm"
-    return f">= {lower[-1]:g} mm" if not upper else f"{lower[-1]:g}-{upper[0]:g} mm"
+        return SIZE_GROUPS[-1]
+    return SIZE_GROUPS[int(np.searchsorted(SIZE_EDGES_MM, diameter_mm, side="right"))]
 
 
-def _breakdown(rows: list[dict], key) -> dict[str, dict]:
-    """Per group of nodules (``key(row)``): how many, how many found, Dice with misses as 0 and
-    Dice of the found ones."""
+def _breakdown(rows: list[dict], key, order=None) -> dict[str, dict]:
+    """Per group of nodules (``key(row)``, listed in ``order`` of their names, default alphabetical):
+    how many, how many found, Dice with misses as 0 and Dice of the found ones."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(key(row), []).append(row)
     out = {}
-    for name in sorted(groups):
+    for name in sorted(groups, key=order):
         dice = np.array([r["dice"] for r in groups[name]], float)
         found = np.array([bool(r["pred_label"]) for r in groups[name]])
         out[name] = {"n": int(dice.size), "n_found": int(found.sum()), "found_fraction": float(found.mean()),
@@ -213,7 +213,7 @@ def segmentation_summaries(got: _Collected) -> dict:
         "segmentation_per_case": summarize_cases(got.per_case).to_dict(),
         "segmentation_per_found_nodule": summarize(got.found).to_dict(),
         "n_nodules_missed": sum(len(v) for v in got.per_case.values()) - len(got.found),
-        "by_size": _breakdown(got.rows, lambda r: _size_group(r["diameter_mm"])),
+        "by_size": _breakdown(got.rows, lambda r: _size_group(r["diameter_mm"]), order=SIZE_GROUPS.index),
         **({"by_kind": _breakdown(got.rows, lambda r: r["kind"] or "unknown")}
            if any(r["kind"] for r in got.rows) else {}),
     }
