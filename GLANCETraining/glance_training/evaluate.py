@@ -109,7 +109,6 @@ def froc_inputs(loaded, prob, heatmap, cfg, score: str = "confidence"):
 class _Collected:
     rows: list[dict] = field(default_factory=list)
     per_case: dict = field(default_factory=dict)
-    found: list = field(default_factory=list)  # scores of the nodules a predicted instance overlaps
     candidates: dict = field(default_factory=dict)
     references: dict = field(default_factory=dict)
     excluded: dict = field(default_factory=dict)
@@ -125,7 +124,6 @@ def _score(collected: _Collected, case_id: str, source: str, pred, gt, spacing_k
         return
     scores = score_nodules(pred, gt, spacing_kji)
     collected.per_case[case_id] = [s.scores for s in scores]
-    collected.found += [s.scores for s in scores if s.pred_label]
     by_label = {a.label: a for a in annotations if a.label}
     for s in scores:
         a = by_label.get(s.gt_label)
@@ -206,13 +204,14 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
 def segmentation_summaries(got: _Collected) -> dict:
     """Per nodule (a missed nodule scores Dice 0), per case, and per found nodule: the outline
     quality of the nodules the pipeline reports, apart from the ones it misses."""
-    from glance_training.metrics import summarize, summarize_cases
+    from glance_training.metrics import METRIC_NAMES, SegmentationScores, summarize, summarize_cases
 
+    found = [SegmentationScores(**{m: r[m] for m in METRIC_NAMES}) for r in got.rows if r["pred_label"]]
     return {
         "segmentation_per_nodule": summarize(s for v in got.per_case.values() for s in v).to_dict(),
         "segmentation_per_case": summarize_cases(got.per_case).to_dict(),
-        "segmentation_per_found_nodule": summarize(got.found).to_dict(),
-        "n_nodules_missed": sum(len(v) for v in got.per_case.values()) - len(got.found),
+        "segmentation_per_found_nodule": summarize(found).to_dict(),
+        "n_nodules_missed": len(got.rows) - len(found),
         "by_size": _breakdown(got.rows, lambda r: _size_group(r["diameter_mm"]), order=SIZE_GROUPS.index),
         **({"by_kind": _breakdown(got.rows, lambda r: r["kind"] or "unknown")}
            if any(r["kind"] for r in got.rows) else {}),

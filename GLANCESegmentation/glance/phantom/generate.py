@@ -16,7 +16,7 @@ import numpy as np
 
 from glance.phantom.anatomy import Anatomy, Tissue
 from glance.phantom.grid import Grid
-from glance.phantom.groundtruth import Phantom, PhantomNodule, measure
+from glance.phantom.groundtruth import Phantom, PhantomNodule, claim_voxels, measure
 from glance.phantom.nodules import NoduleSpec, draw_nodule, occupancy
 from glance.phantom.placement import NoduleMix, place_nodules
 from glance.phantom.render import render_anatomy
@@ -111,12 +111,10 @@ def _draw(hu, tissue, labels, grid: Grid, ct_grid, nid: int, spec: NoduleSpec) -
     hu_box = hu[k0:k1, j0:j1, i0:i1]
     before = hu_box.copy()
     weights = draw_nodule(hu_box, np.isin(t_box, _NODULE_ALLOWED), occ, spec)
-    lab = labels[k0:k1, j0:j1, i0:i1]
-    inside = (weights >= 0.5) & (lab == 0)
-    if not inside.any():
+    inside = claim_voxels(labels[k0:k1, j0:j1, i0:i1], weights, nid)
+    if inside is None:
         hu_box[...] = before
         return None
-    lab[inside] = nid
     t_box[inside] = Tissue.NODULE
     return measure(nid, weights, occ.box, ct_grid, int(inside.sum()), diameter_mm=spec.diameter_mm,
                    nodule_type=spec.nodule_type, shape=spec.shape_name, attachment=spec.attachment,

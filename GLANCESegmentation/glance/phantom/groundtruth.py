@@ -47,6 +47,17 @@ class PhantomNodule:
         return d
 
 
+def claim_voxels(labels_box: np.ndarray, weights: np.ndarray, nid: int) -> np.ndarray | None:
+    """Label ``nid`` on the voxels at least half inside the nodule that no other nodule holds, and return
+    them; None, with nothing labelled, when there are none: a nodule without voxels has no centre or
+    volume, so its caller skips it and leaves the CT as it was."""
+    inside = (weights >= 0.5) & (labels_box == 0)
+    if not inside.any():
+        return None
+    labels_box[inside] = nid
+    return inside
+
+
 def measure(nid: int, weights: np.ndarray, box, ct: Volume, label_voxels: int, **fields) -> PhantomNodule:
     """A PhantomNodule from its partial-volume ``weights`` on ``box`` of the CT grid."""
     (k0, _), (j0, _), (i0, _) = box

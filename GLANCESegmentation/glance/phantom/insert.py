@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from glance.errors import InputError
 from glance.phantom.grid import Grid
-from glance.phantom.groundtruth import Phantom, PhantomNodule, measure
+from glance.phantom.groundtruth import Phantom, PhantomNodule, claim_voxels, measure
 from glance.phantom.nodules import SHAPES, TYPES, NoduleSpec, occupancy, random_hu, random_shape
 from glance.phantom.placement import SPHERE_DIRS, NoduleMix, pick
 from glance.volume import Volume
@@ -269,15 +269,12 @@ def _resample_crop(crop: RealCrop, spacing) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _label(labels, box, weights, nid, ct, placer, diameter, ntype, shape, attachment, mean_hu, source, extra):
-    """Label nodule ``nid`` and measure it; None, with nothing labelled, when no voxel of it would be
-    labelled (all of it outside the lung or under another label): the caller then leaves the CT
-    as it was, since a nodule without voxels has no centre and would be a finding with no mask."""
+    """Label nodule ``nid`` and measure it; None, with nothing labelled, when no voxel of it can be
+    labelled (all of it outside the lung or under another label): the caller then leaves the CT."""
     (k0, k1), (j0, j1), (i0, i1) = box
-    lab = labels[k0:k1, j0:j1, i0:i1]
-    inside = (weights >= 0.5) & (lab == 0)
-    if not inside.any():
+    inside = claim_voxels(labels[k0:k1, j0:j1, i0:i1], weights, nid)
+    if inside is None:
         return None
-    lab[inside] = nid
     placer.block(box, weights > 0)
     extra = dict(extra, footprint_bbox=[box[0][0], box[1][0], box[2][0], box[0][1], box[1][1], box[2][1]])
     return measure(nid, weights, box, ct, int(inside.sum()), diameter_mm=float(diameter), nodule_type=ntype,
