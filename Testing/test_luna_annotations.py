@@ -187,6 +187,8 @@ def test_spec_grammar(text, kind, arg, weight, options):
     ("luna:/L,annotations=", r"option 'annotations' needs a value"),
     ("luna:,annotations=/a.csv", r"expected KIND:PATH"),
     ("lunar:/L", r"unknown kind 'lunar'"),
+    ("phantom:8@0", r"a weight must be positive"),
+    ("maxslice:/C@0.0", r"a weight must be positive"),
     ("/data/LUNA16", r"expected KIND:PATH"),
 ])
 def test_bad_specs_are_one_line_errors(text, message):

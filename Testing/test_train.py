@@ -166,3 +166,36 @@ def test_distributed_training_on_two_cpu_processes(tmp_path):
     card = json.loads((tmp_path / "home" / "models" / "ddp-site-1.0.0" / "card.json").read_text())
     assert card["training"]["steps"] == 2
     assert proc.stdout.count("trained ddp-site") == 1  # only rank 0 registers
+
+
+@pytest.mark.parametrize("shares, steps, order", [
+    ([1.0], 3, [0, 0, 0]),
+    ([1.0, 1.0], 6, [0, 1, 0, 1, 0, 1]),  # equal weights: the groups alternate, first group first
+    ([3.0, 1.0], 8, [0, 0, 1, 0, 0, 0, 1, 0]),  # 3 in 4 steps, spread out rather than in a block
+    ([2.0, 1.0, 1.0], 8, [0, 1, 2, 0, 0, 1, 2, 0]),
+])
+def test_patch_groups_take_steps_in_proportion_to_their_weights(shares, steps, order):
+    from glance_training.data import step_schedule
+
+    assert step_schedule(shares, steps) == order
+
+
+def test_a_groups_share_is_the_sum_of_its_sources_weights():
+    from glance_training.data import PatchGroup
+
+    assert PatchGroup("volumes", [[], []], [1.0, 0.5], 96).share == 1.5
+
+
+def test_a_weighted_crop_group_gets_its_share_of_the_samples(cfg, tmp_path, monkeypatch):
+    """Epoch datasets are sized from the schedule: with crops@3 and one other group of weight 1, 10
+    steps of batch 2 draw 8 crop batches (16 samples) and 2 of the other group (4 samples)."""
+    from glance_training.data import PatchGroup
+    from glance_training.train import Trainer
+
+    trainer = Trainer(replace(cfg, steps_per_epoch=10), tmp_path / "run")
+    crops = trainer.groups["train"][0]
+    crops.weights = [3.0]
+    other = PatchGroup("volumes", crops.sources, [1.0], 32)
+    trainer.groups["train"] = [crops, other]
+    assert [len(ds) for ds in trainer._train_sets()] == [16, 4]
+    assert sum(1 for _ in trainer._batches(0)) == 10

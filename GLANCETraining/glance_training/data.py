@@ -24,8 +24,10 @@ Grammar, so that any path works (Windows drive letters, '@' and ',' in folder na
   by ``NAME=`` belongs to the path. Unknown, repeated or empty options are an error.
 
 2D crop sources are sampled at ``crop_patch_size`` (they hold no more context than
-that); every other source at ``patch_size``. Each group gets its own loader and
-training steps alternate between groups.
+that); every other source at ``patch_size``. Each group gets its own loader, and a group's
+share of the training steps is the sum of its sources' weights over all weights (equal weights:
+steps alternate between the groups). So ``maxslice:DIR@3 phantom:128`` spends three steps in
+four on the crops.
 """
 
 from __future__ import annotations
@@ -75,7 +77,10 @@ class DataSpec:
         arg, *pairs = _OPTION_START.split(rest)
         if not arg:
             raise GlanceError(f"--data {text!r}: expected KIND:PATH")
-        return cls(kind, arg, float(weight.group(1)) if weight else 1.0, _parse_options(text, kind, pairs))
+        share = float(weight.group(1)) if weight else 1.0
+        if share <= 0:
+            raise GlanceError(f"--data {text!r}: a weight must be positive (leave the source out instead)")
+        return cls(kind, arg, share, _parse_options(text, kind, pairs))
 
     def __str__(self) -> str:
         text = f"{self.kind}:{self.arg}" + "".join(f",{k}={v}" for k, v in self.options.items())
@@ -149,6 +154,11 @@ class PatchGroup:
     def n_cases(self) -> int:
         return sum(len(s) for s in self.sources)
 
+    @property
+    def share(self) -> float:
+        """The group's weight among the groups: the sum of its sources' weights."""
+        return float(sum(self.weights))
+
     def dataset(self, sampling: SliceSamplingConfig, samples: int, seed: int, augment: bool) -> SliceDataset:
         cfg = replace(sampling, patch_size=self.patch_size, samples_per_epoch=samples, seed=seed, augment=augment)
         return SliceDataset(self.sources, cfg, self.weights)
@@ -177,6 +187,23 @@ def build_groups(specs: list[str], seed: int, split: SplitConfig, patch_size: in
         for g in groups.values():
             log.info("%s %s: %d cases at %d px", name, g.name, g.n_cases, g.patch_size)
     return {name: list(groups.values()) for name, groups in out.items()}
+
+
+def step_schedule(shares: list[float], steps: int) -> list[int]:
+    """Which group each of ``steps`` training steps draws from, the groups taking turns in proportion
+    to ``shares`` and spread evenly through the epoch (smooth weighted round robin: every step the
+    group furthest behind its share goes next; ties go to the first group)."""
+    if not shares or min(shares) <= 0:
+        raise GlanceError(f"every patch group needs a positive weight, got {shares}")
+    total = sum(shares)
+    credit = [0.0] * len(shares)
+    order = []
+    for _ in range(steps):
+        credit = [c + w for c, w in zip(credit, shares)]
+        g = max(range(len(shares)), key=lambda i: (credit[i], -i))
+        credit[g] -= total
+        order.append(g)
+    return order
 
 
 def describe(groups: dict[str, list[PatchGroup]]) -> dict:

@@ -186,9 +186,9 @@ class Trainer:
     def _train_sets(self) -> list:
         """One dataset per patch group, built once so loaded cases stay cached across epochs."""
         if self._sets is None:
-            steps = -(-self.cfg.steps_per_epoch // len(self.groups["train"]))
-            self._sets = [g.dataset(self.sampling, steps * self.cfg.batch, self.cfg.seed, augment=True)
-                          for g in self.groups["train"]]
+            steps = np.bincount(self._schedule, minlength=len(self.groups["train"]))
+            self._sets = [g.dataset(self.sampling, int(n) * self.cfg.batch, self.cfg.seed, augment=True)
+                          for g, n in zip(self.groups["train"], steps)]
             for g in self.groups["train"]:
                 if g.patch_size == self.cfg.patch_size and g.n_cases > self.cfg.cache_cases:
                     # Whole volumes (phantoms above all: seconds each) beyond the cache are reloaded on most draws.
@@ -212,11 +212,17 @@ class Trainer:
                                       num_workers=self.cfg.workers, drop_last=True))
         return loaders
 
+    @property
+    def _schedule(self) -> list[int]:
+        """The patch group of each step of an epoch (shares from the sources' weights)."""
+        from glance_training.data import step_schedule
+
+        return step_schedule([g.share for g in self.groups["train"]], self.cfg.steps_per_epoch)
+
     def _batches(self, epoch: int):
-        """Steps alternate between patch groups."""
         iters = [iter(loader) for loader in self._loaders(epoch)]
-        for step in range(self.cfg.steps_per_epoch):
-            yield next(iters[step % len(iters)])
+        for group in self._schedule:
+            yield next(iters[group])
 
     # -- steps --------------------------------------------------------------------------------
 
