@@ -199,3 +199,16 @@ def test_a_weighted_crop_group_gets_its_share_of_the_samples(cfg, tmp_path, monk
     trainer.groups["train"] = [crops, other]
     assert [len(ds) for ds in trainer._train_sets()] == [16, 4]
     assert sum(1 for _ in trainer._batches(0)) == 10
+
+
+def test_evaluation_splits_partition_the_patients_as_training_did():
+    """--split train scores exactly the patients a run trains on; train, val and test together are all."""
+    from glance_training.datasets import SplitConfig, assign_split
+    from glance_training.evaluate import SPLIT_CHOICES, split_cases
+
+    split = SplitConfig()
+    parts = {which: split_cases(f"maxslice:{CROPS}", which, 0, split, 0)[1] for which in SPLIT_CHOICES}
+    for which in ("train", "val", "test"):
+        assert parts[which] and {assign_split(c.patient_id, split) for c in parts[which]} == {which}
+    assert sorted(c.case_id for w in ("train", "val", "test") for c in parts[w]) == sorted(
+        c.case_id for c in parts["all"])

@@ -40,7 +40,7 @@ def ablation():
 # ----------------------------------------------------------------------------- shipped configs
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.json")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_shipped_config_loads(path):
     raw = json.loads(path.read_text(encoding="utf-8"))
     cfg = TrainConfig.from_json(path)

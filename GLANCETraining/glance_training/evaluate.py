@@ -17,7 +17,9 @@ series uid, any other case by its case id.
 
 Only patients of the requested split are scored (default ``test``), using the
 split the model was trained with (from its card), so a reported number never
-comes from a patient the model trained on.
+comes from a patient the model trained on. ``train`` scores the patients it did train on:
+set beside ``val`` it tells under-fitting (both low) from over-fitting (train far above val);
+it is never an accuracy to report.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ SERIESUIDS_FILE = "seriesuids.csv"
 class EvaluateConfig:
     model: str | None = None
     data: list[str] = field(default_factory=list)
-    split: str = "test"  # test | val | all (all: also patients the model may have trained on)
+    split: str = "test"  # test | val | train | all (train, all: patients the model trained on)
     out: str = "glance-evaluation"
     device: str = "auto"
     batch: int = 8
@@ -53,6 +55,9 @@ class EvaluateConfig:
     n_bootstrap: int = 1000
     max_cases: int = 0  # 0: every case of the split
     tta: bool = False  # average the network over the in-plane flips
+
+
+SPLIT_CHOICES = ("test", "val", "train", "all")
 
 
 def training_split(card):
@@ -65,7 +70,7 @@ def training_split(card):
 
 
 def split_cases(spec_text: str, which: str, max_cases: int, split, seed: int):
-    """(spec, cases) of one data source: the ``which`` part (test | val | all) of ``split``, at most
+    """(spec, cases) of one data source: the ``which`` part (one of SPLIT_CHOICES) of ``split``, at most
     ``max_cases`` of them (0: all)."""
     from glance_training.data import DataSpec, load_source
     from glance_training.datasets import split_source
@@ -167,8 +172,8 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     from glance.pipeline import SegmentOptions, load_network, segment_volume
     from glance.pipeline import with_model_thresholds
 
-    if cfg.split not in ("test", "val", "all"):
-        raise GlanceError(f"--split must be test, val or all, got {cfg.split!r}")
+    if cfg.split not in SPLIT_CHOICES:
+        raise GlanceError(f"--split must be one of {', '.join(SPLIT_CHOICES)}, got {cfg.split!r}")
     if not cfg.data:
         raise GlanceError("no evaluation data: give --data KIND:PATH")
     options = SegmentOptions(model=cfg.model, inference=InferenceOptions(cfg.device, cfg.batch, tta=cfg.tta),
@@ -177,6 +182,8 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     card = network[1]
     options = with_model_thresholds(options, card)
     split = training_split(card)
+    if cfg.split in ("train", "all"):
+        log.warning("--split %s scores patients the model trained on: not a held-out accuracy", cfg.split)
     seed = int(((card.training or {}).get("config") or {}).get("seed", 0)) + 7919  # unseen phantoms
     got = _Collected()
     for spec_text in cfg.data:

@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "not in DIR, beside it or in CSVFILES/)")
     parser.add_argument("--cases", action="append", default=[], metavar="DIR",
                         help="reviewed cases exported from Slicer (same as --data local:DIR)")
-    parser.add_argument("--split", default="test", choices=["test", "val", "all"],
-                        help="patients to score, by the model's training split (default test)")
+    parser.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
+                        help="patients to score, by the model's training split (default test; train and all "
+                             "include patients it trained on: for telling under- from over-fitting only)")
     parser.add_argument("--out", default="glance-evaluation", help="report folder")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch", type=int, default=8)
