@@ -162,3 +162,31 @@ def test_glance_evaluate_writes_the_luna16_candidates_file(tmp_path, monkeypatch
             detection["n_ignored_excluded"]) == (1, 1, 1, 1)
     assert sorted(t for t in detection["curve"]["thresholds"] if t is not None) == sorted(
         p for p in probabilities if p != probabilities[1])
+
+
+def test_glance_evaluate_counts_what_a_reader_sees_at_the_default_thresholds(tmp_path, monkeypatch):
+    """The reported nodules (not the FROC's candidates) matched like the FROC: two on the nodule (one
+    hit, one second report), one on the excluded finding (ignored), two elsewhere (false positives)."""
+    from types import SimpleNamespace
+
+    import glance.pipeline
+    from glance.model.card import ModelCard
+    from glance_training.evaluate import EvaluateConfig, evaluate
+
+    def reporting(ct, network, options):
+        analysis = oracle_segment_volume(ct, network, options)
+        analysis.nodules = [SimpleNamespace(centre_lps=world(v), confidence=c)
+                            for v, c in ((FALSE_POSITIVE, 0.9), (NODULE, 0.8), (EXCLUDED, 0.7), ((40, 40, 20), 0.6),
+                                         ((31, 20, 12), 0.5))]  # 0.8 mm from the 6.5 mm nodule's centre
+        return analysis
+
+    write_luna(tmp_path / "LUNA16")
+    card = ModelCard("oracle", "1.0.0", config={})
+    monkeypatch.setattr(glance.pipeline, "load_network", lambda options: (None, card, None))
+    monkeypatch.setattr(glance.pipeline, "segment_volume", reporting)
+    report = evaluate(EvaluateConfig(data=[f"luna:{tmp_path / 'LUNA16' / 'subset4'}"], split="all",
+                                     out=str(tmp_path / "eval"), n_bootstrap=0))
+    assert report["at_default_thresholds"] == {
+        "n_scans": 1, "n_nodules": 1, "sensitivity": 1.0, "n_false_positives": 2, "fp_per_scan": 2.0,
+        "scans": {UID: {"n_reported": 5, "n_nodules": 1, "found": [0], "missed": [],
+                        "n_false_positives": 2, "n_ignored_excluded": 1, "n_second_reports": 1}}}

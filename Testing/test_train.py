@@ -212,3 +212,18 @@ def test_evaluation_splits_partition_the_patients_as_training_did():
         assert parts[which] and {assign_split(c.patient_id, split) for c in parts[which]} == {which}
     assert sorted(c.case_id for w in ("train", "val", "test") for c in parts[w]) == sorted(
         c.case_id for c in parts["all"])
+
+
+def test_scoring_training_patients_warns_once_per_source(tmp_path, monkeypatch, caplog):
+    import glance.pipeline
+    from glance.model.card import ModelCard
+    from glance_training.evaluate import EvaluateConfig, evaluate
+
+    card = ModelCard("oracle", "1.0.0", config={})
+    monkeypatch.setattr(glance.pipeline, "load_network", lambda options: (None, card, None))
+    monkeypatch.setattr("glance_training.evaluate._crop_prediction", lambda loaded, network, options: loaded.labels > 0)
+    with caplog.at_level("WARNING", logger="glance_training.evaluate"):
+        report = evaluate(EvaluateConfig(data=[f"maxslice:{CROPS}"], split="train", out=str(tmp_path), max_cases=3))
+    assert report["segmentation_per_nodule"]["dice"]["mean"] == 1.0  # the oracle: its own reader masks
+    assert [r.getMessage() for r in caplog.records] == [
+        f"maxslice:{CROPS}: --split train scores patients the model trained on: not a held-out accuracy"]

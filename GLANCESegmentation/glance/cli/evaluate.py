@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         summary["cpm"] = d["cpm"]
         summary["cpm_ci"] = d["cpm_ci"]
         summary["sensitivity_at_fp"] = {p["fp_per_scan"]: p["sensitivity"] for p in d["operating_points"]}
+        summary["at_default_thresholds"] = {k: v for k, v in report["at_default_thresholds"].items() if k != "scans"}
     print(json.dumps(summary, indent=2))
     print(f"report in {args.out}/evaluation.json")
     if "detection" in report:
