@@ -206,7 +206,8 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
                 got.seriesuids[loaded.case_id] = case.metadata.get("seriesuid", loaded.case_id)
                 got.candidates[loaded.case_id], got.references[loaded.case_id] = cands, refs
                 got.excluded[loaded.case_id] = excl
-                got.reported[loaded.case_id] = [Candidate(n.centre_lps, n.confidence) for n in analysis.nodules]
+                got.reported[loaded.case_id] = [Candidate(nodule.centre_lps, nodule.confidence)
+                                            for nodule in analysis.nodules]
             if progress:
                 progress(f"PROGRESS {n}/{len(cases)} {spec.kind}")
     return _report(cfg, options, card, split, got)

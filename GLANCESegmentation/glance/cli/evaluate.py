@@ -12,6 +12,8 @@ from glance.cli.segment import add_threshold_arguments, add_tta_argument, thresh
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from glance_training.evaluate import SPLIT_CHOICES  # light: numpy and the standard library
+
     parser.add_argument("--model", help="model name, NAME@VERSION or folder (default: glance-small)")
     parser.add_argument("--data", action="append", default=[], metavar="KIND:PATH",
                         help="labelled data, repeatable: KIND:PATH[,NAME=VALUE ...] with the kinds of glance "
@@ -19,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "not in DIR, beside it or in CSVFILES/)")
     parser.add_argument("--cases", action="append", default=[], metavar="DIR",
                         help="reviewed cases exported from Slicer (same as --data local:DIR)")
-    parser.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
+    parser.add_argument("--split", default="test", choices=SPLIT_CHOICES,
                         help="patients to score, by the model's training split (default test; train and all "
                              "include patients it trained on: for telling under- from over-fitting only)")
     parser.add_argument("--out", default="glance-evaluation", help="report folder")
