@@ -391,6 +391,42 @@ def test_maxslice_crops_are_one_slice_cases_with_patient_ids():
     assert set(RESERVED_TEST_PATIENTS) <= set(source.patient_ids)
 
 
+def _write_maxslice(folder: Path, masks: list[np.ndarray]) -> Path:
+    """A max-slice crop file in the shared set's layout, with the given 71 x 71 masks."""
+    from glance_training.datasets.crops import MAXSLICE_FILE
+
+    n = len(masks)
+    np.savez(folder / MAXSLICE_FILE, image_hu=np.full((n, 71, 71), -800, np.int16),
+             mask=np.stack(masks).astype(np.uint8), spacing_mm=np.full(n, 0.7, np.float32),
+             patient_id=np.array([f"LIDC-IDRI-{k:04d}" for k in range(n)]), reading_id=np.arange(n))
+    return folder
+
+
+def test_interior_outline_drops_the_drawn_contour_pixels_and_keeps_the_split(tmp_path):
+    square = np.zeros((71, 71), np.uint8)
+    square[30:37, 20:27] = 1  # 7 x 7 drawn: 24 contour pixels around a 5 x 5 interior
+    line = np.zeros((71, 71), np.uint8)
+    line[10, 10:16] = 1  # one pixel wide: no interior, kept as drawn
+    folder = _write_maxslice(tmp_path, [square, line])
+    drawn = maxslice_crop_cases(folder)
+    interior = maxslice_crop_cases(folder, outline="interior")
+    expected = np.zeros((1, 71, 71), np.uint16)
+    expected[0, 31:36, 21:26] = 1
+    np.testing.assert_array_equal(interior[0].load().labels, expected)
+    assert int(drawn[0].load().labels.sum()) == 49
+    np.testing.assert_array_equal(interior[1].load().labels[0], line)
+    # The finding's diameter follows the reference: the equivalent circle of 25 pixels.
+    assert interior[0].load().nodules[0].diameter_mm == pytest.approx(2 * np.sqrt(25 / np.pi) * 0.7, rel=1e-5)
+    assert interior.patient_ids == drawn.patient_ids and [c.case_id for c in interior] == [c.case_id for c in drawn]
+    with pytest.raises(InputError, match="outline='inner'"):
+        maxslice_crop_cases(folder, outline="inner")
+    # Through a --data spec: a choice option is not taken for a file name.
+    from glance_training.data import DataSpec, load_source
+
+    spec = load_source(DataSpec.parse(f"maxslice:{folder},outline=interior"), seed=0)
+    np.testing.assert_array_equal(spec[0].load().labels, expected)
+
+
 # --- patient-level splits -----------------------------------------------------------------------
 
 

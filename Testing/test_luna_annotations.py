@@ -172,6 +172,7 @@ def test_explicit_file_that_does_not_exist(tmp_path):
     (r"luna:C:\LUNA16\subset3,annotations=D:\csv\a@v2.csv,excluded=D:\csv\e.csv@1.5e0", "luna",
      r"C:\LUNA16\subset3", 1.5, {"annotations": r"D:\csv\a@v2.csv", "excluded": r"D:\csv\e.csv"}),
     ("tianchi:/t,annotations=/t/a.csv", "tianchi", "/t", 1.0, {"annotations": "/t/a.csv"}),
+    ("maxslice:/C,outline=interior@3", "maxslice", "/C", 3.0, {"outline": "interior"}),
 ])
 def test_spec_grammar(text, kind, arg, weight, options):
     spec = DataSpec.parse(text)
@@ -189,6 +190,8 @@ def test_spec_grammar(text, kind, arg, weight, options):
     ("lunar:/L", r"unknown kind 'lunar'"),
     ("phantom:8@0", r"a weight must be positive"),
     ("maxslice:/C@0.0", r"a weight must be positive"),
+    ("maxslice:/C,outline=inner", r"outline=inner: expected one of drawn, interior"),
+    ("crops3d:/C,outline=interior", r"unknown option 'outline' \(crops3d takes no options\)"),
     ("/data/LUNA16", r"expected KIND:PATH"),
 ])
 def test_bad_specs_are_one_line_errors(text, message):

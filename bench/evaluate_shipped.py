@@ -3,7 +3,9 @@
     python bench/evaluate_shipped.py [--model glance-small] [--phantoms 8] [--tta] [--update-card]
 
 Three evaluations, none on a patient the model trained on (the split comes from the model card):
-1. segmentation on the real LIDC max-slice crops of the test split (target: Dice >= 0.80 per nodule);
+1. segmentation on the real LIDC max-slice crops of the test split (target: Dice >= 0.80 per nodule),
+   against the masks as the readers drew them and against their interior (the drawn contour line
+   removed: ``glance_training.datasets.crops``; ``bench/reader_outline.py`` shows why both are given);
 2. detection and segmentation on the two real full scans (LIDC-IDRI-0001, -0003: always held out;
    target: every nodule marked by >= 3 of 4 readers found at <= 1 false positive per scan);
 3. phantoms generated from seeds the training never used (target: Dice >= 0.85, sensitivity >= 0.95
@@ -80,6 +82,8 @@ def main() -> None:
     runs = {
         "crops": EvaluateConfig(str(folder), [f"maxslice:{DATA / 'lidc-maxslice-crops'}"], "test",
                                 str(out / "crops"), max_cases=args.max_crops, tta=args.tta),
+        "crops_interior": EvaluateConfig(str(folder), [f"maxslice:{DATA / 'lidc-maxslice-crops'},outline=interior"],
+                                         "test", str(out / "crops_interior"), max_cases=args.max_crops, tta=args.tta),
         "full_scans": EvaluateConfig(str(folder), [f"lidc:{DATA / 'LIDC-IDRI-0001'}", f"lidc:{DATA / 'scans'}"],
                                      "test", str(out / "full_scans"), tta=args.tta),
         # Phantom seeds are offset from the training seed inside evaluate(): never trained on.
@@ -93,6 +97,8 @@ def main() -> None:
         "crops_n": results["crops"]["n_nodules_scored"],
         "crops_n_missed": results["crops"]["n_nodules_missed"],
         "crops_by_size": results["crops"]["by_size"],
+        "crops_interior_dice_per_nodule": results["crops_interior"]["segmentation_per_nodule"]["dice"],
+        "crops_interior_n_missed": results["crops_interior"]["n_nodules_missed"],
         "full_scans": {
             "detection_cpm": results["full_scans"]["detection"]["cpm"],
             "sensitivity_at_1fp": _sens_at(results["full_scans"]["detection"], 1.0),

@@ -2,7 +2,10 @@
 
 A spec is ``KIND:ARG[,NAME=VALUE ...][@WEIGHT]``:
 
-    maxslice:DIR     real 2D max-slice crops with reader masks (shared/data/lidc-maxslice-crops)
+    maxslice:DIR     real 2D max-slice crops with reader masks (shared/data/lidc-maxslice-crops);
+                     option outline=drawn|interior (default drawn: the masks as the readers drew
+                     them, contour pixels included; interior: without them, see
+                     ``glance_training.datasets.crops``)
     crops3d:DIR      real 3D nodule crops with consensus masks (shared/data/lidc-nodule-crops)
     local:DIR        reviewed cases exported by the Slicer module (CT + seg.nrrd / DICOM-SEG / label map)
     lidc:DIR         LIDC-IDRI DICOM series + reader XML
@@ -42,6 +45,7 @@ from glance.errors import GlanceError
 from glance_training.datasets import (CaseList, SliceDataset, SliceSamplingConfig, SplitConfig, check_disjoint,
                                       lidc_cases, lndb_cases, local_cases, luna_cases, maxslice_crop_cases,
                                       nodule_crop_cases, split_source, tianchi_cases)
+from glance_training.datasets.crops import OUTLINES
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +103,9 @@ def _parse_options(text: str, kind: str, pairs: list[str]) -> dict[str, str]:
         if name in options:
             raise GlanceError(f"--data {text!r}: option {name!r} given twice")
         if not value:
-            raise GlanceError(f"--data {text!r}: option {name!r} needs a value ({name}=PATH)")
+            raise GlanceError(f"--data {text!r}: option {name!r} needs a value ({name}=VALUE)")
+        if name in _CHOICES and value not in _CHOICES[name]:
+            raise GlanceError(f"--data {text!r}: {name}={value}: expected one of {', '.join(_CHOICES[name])}")
         options[name] = value
     return options
 
@@ -119,7 +125,7 @@ def _phantoms(arg: str, seed: int) -> CaseList:
 
 # Loaders take (ARG, seed, options); the options are keyword arguments of the dataset function.
 _LOADERS = {
-    "maxslice": lambda arg, seed, opts: maxslice_crop_cases(arg),
+    "maxslice": lambda arg, seed, opts: maxslice_crop_cases(arg, **opts),
     "crops3d": lambda arg, seed, opts: nodule_crop_cases(arg),
     "local": lambda arg, seed, opts: local_cases(arg),
     "lidc": lambda arg, seed, opts: lidc_cases(arg),
@@ -128,7 +134,9 @@ _LOADERS = {
     "lndb": lambda arg, seed, opts: lndb_cases(arg),
     "phantom": lambda arg, seed, opts: _phantoms(arg, seed),
 }
-_OPTIONS = {"luna": ("annotations", "excluded"), "tianchi": ("annotations",)}
+_OPTIONS = {"luna": ("annotations", "excluded"), "tianchi": ("annotations",), "maxslice": ("outline",)}
+_PATH_OPTIONS = {"annotations", "excluded"}  # options naming a file, checked before loading
+_CHOICES = {"outline": OUTLINES}
 
 
 def load_source(spec: DataSpec, seed: int) -> CaseList:
@@ -136,7 +144,7 @@ def load_source(spec: DataSpec, seed: int) -> CaseList:
         hint = " (a weight is '@NUMBER' at the very end)" if "@" in spec.arg else ""
         raise GlanceError(f"--data {spec}: {spec.arg}: no such file or folder{hint}")
     for name, value in spec.options.items():
-        if not Path(value).is_file():
+        if name in _PATH_OPTIONS and not Path(value).is_file():
             raise GlanceError(f"--data {spec}: {name}={value}: no such file")
     return _LOADERS[spec.kind](spec.arg, seed, spec.options)
 

@@ -9,6 +9,14 @@
   its position is crop-local (origin 0). A slice sampler asking for neighbouring
   slices gets this slice repeated.
 
+  Outline convention: the source's masks hold the polygon fill *plus the contour pixels*, and
+  LIDC readers drew the contour just outside the nodule. ``bench/reader_outline.py`` measures it
+  on the 2287 crops (medians over crops): the contour pixels are at -660 HU, near the lung around
+  them (-754); the first ring inside them is at -462, the 50 % level between the core (-165) and
+  the lung. The contour is a third of a median crop's mask. ``outline="interior"`` drops it (the
+  mask's 4-connected boundary), which puts the reference where the phantom's (voxels at least
+  half nodule) and a volumetry tool's are; ``outline="drawn"`` (default) keeps the masks as drawn.
+
 The npz arrays are read once per source on first use (about 35 MB for the max-slice
 set), not per case.
 """
@@ -32,6 +40,7 @@ log = logging.getLogger(__name__)
 NODULE_CROPS_FILE = "lidc_nodule_crops_64.npz"
 MAXSLICE_FILE = "lidc_maxslice_71px.npz"
 _MAXSLICE_KEYS = ("image_hu", "mask", "spacing_mm", "patient_id")
+OUTLINES = ("drawn", "interior")
 
 
 class _NpzArrays:
@@ -110,8 +119,12 @@ def _nodule_crop_findings(diameter: float, ct: Volume, labels: np.ndarray) -> li
 # --- 2D max-slice crops --------------------------------------------------------------------
 
 
-def maxslice_crop_cases(folder: str | Path, name: str = "lidc-maxslice-crops") -> CaseList:
-    """The 71x71 single-reader max-slice crops, one one-slice case each."""
+def maxslice_crop_cases(folder: str | Path, name: str = "lidc-maxslice-crops", outline: str = "drawn") -> CaseList:
+    """The 71x71 single-reader max-slice crops, one one-slice case each, with masks as the readers
+    drew them or their interior (module docstring). The outline does not change the cases or their
+    patients, so a split is the same for both."""
+    if outline not in OUTLINES:
+        raise InputError(f"outline={outline!r}: expected one of {', '.join(OUTLINES)}")
     npz = _find(Path(folder), MAXSLICE_FILE)
     arrays = _NpzArrays(npz, _MAXSLICE_KEYS)
     with np.load(npz, allow_pickle=False) as z:  # ids only: cheap members of the archive
@@ -119,11 +132,11 @@ def maxslice_crop_cases(folder: str | Path, name: str = "lidc-maxslice-crops") -
         readings = z["reading_id"]
     cases = [
         Case(f"{pid}/reading{int(rid)}", str(pid), name, partial(_maxslice_volume, arrays, n),
-             partial(_maxslice_labels, arrays, n), partial(_maxslice_findings, arrays, n),
+             partial(_maxslice_labels, arrays, n, outline), partial(_maxslice_findings, arrays, n),
              metadata={"two_d": True})
         for n, (pid, rid) in enumerate(zip(patients, readings))
     ]
-    log.info("%s: %d crops from %d patients", npz, len(cases), len(set(patients)))
+    log.info("%s: %d crops from %d patients, %s outlines", npz, len(cases), len(set(patients)), outline)
     return CaseList(name, cases)
 
 
@@ -132,8 +145,21 @@ def _maxslice_volume(arrays: _NpzArrays, n: int) -> Volume:
     return Volume(arrays["image_hu"][n][None], (s, s, s), metadata={"two_d": True})
 
 
-def _maxslice_labels(arrays: _NpzArrays, n: int, ct: Volume) -> np.ndarray:
-    return (arrays["mask"][n][None] > 0).astype(np.uint16)
+def _maxslice_labels(arrays: _NpzArrays, n: int, outline: str, ct: Volume) -> np.ndarray:
+    mask = arrays["mask"][n] > 0
+    if outline == "interior":
+        mask = outline_interior(mask)
+    return mask[None].astype(np.uint16)
+
+
+def outline_interior(mask: np.ndarray) -> np.ndarray:
+    """A 2D reader mask without its contour pixels (those with a 4-neighbour outside the mask).
+    A mask too thin to have an interior is kept as drawn: the nodule is then no wider than its
+    outline, and an empty reference would make it vanish from the data."""
+    from scipy import ndimage
+
+    inside = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1), border_value=0)
+    return inside if inside.any() else mask
 
 
 def _maxslice_findings(arrays: _NpzArrays, n: int, ct: Volume, labels: np.ndarray) -> list[Annotation]:
