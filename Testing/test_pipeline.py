@@ -79,6 +79,21 @@ def test_nodules_are_reported_at_their_patient_position(name):
     assert (k0, j0, i0, k1, j1, i1) == (7, 9, 10, 18, 20, 21)
 
 
+@pytest.mark.parametrize("name", sorted(DIRECTIONS))
+def test_a_finding_outside_the_lungs_is_not_reported(name):
+    ct, labels, prob, heat, _ = _known_case(DIRECTIONS[name])
+    # Soft tissue with an air-filled lung box around sphere 1 only (1.6 mm voxels: 54 ml of lung);
+    # sphere 2 lies two slices beyond the box, in the "mediastinum".
+    hu = np.full(ct.shape, 40, np.int16)
+    hu[2:23, 2:27, 2:27] = -850
+    hu[labels > 0] = 40
+    chest = Volume(hu, (1.6, 1.6, 1.6), ct.origin, ct.direction)
+    found, nodules = analyse_maps(chest, prob, heat, PostprocessConfig())
+    assert len(nodules) == 1 and np.array_equal(found > 0, labels == 1)
+    _, both = analyse_maps(chest, prob, heat, PostprocessConfig(require_lung_contact=False))
+    assert len(both) == 2
+
+
 @pytest.mark.parametrize("name", ["flipped_i_k", "coronal"])
 def test_canonical_volume_keeps_every_voxel_position(name):
     ct, *_ = _known_case(DIRECTIONS[name])

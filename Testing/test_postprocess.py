@@ -246,3 +246,77 @@ def test_scipy_fallback_without_cc3d(monkeypatch):
     assert np.array_equal(det.labels == 1, truth["A"])
     assert np.array_equal(det.labels == 2, truth["B"])
     assert det.labels.max() == 2
+
+
+# --- rule 8: findings must lie against the lungs ---------------------------------------------------
+
+
+def chest(lung_slices, lung_rows=(8, 55), lung_cols=(8, 56), nodules=()):
+    """Soft tissue (40 HU) with one air-filled lung box inside it and the given nodule masks drawn as
+    soft tissue: the lungs ``glance.preprocess.lung_map`` finds are that box minus the nodules."""
+    hu = np.full(SHAPE, 40, np.int16)
+    hu[slice(*lung_slices), slice(*lung_rows), slice(*lung_cols)] = -850
+    for mask in nodules:
+        hu[mask] = 40
+    return hu
+
+
+def test_lung_map_touches_within_one_cell_and_one_slice():
+    from glance.preprocess import LungMap
+
+    lungs = LungMap(np.zeros((6, 10, 10), bool), step=2)
+    lungs.mask[2, 4, 4] = True  # the cell of rows 8-9 and columns 8-9 on slice 2
+    region = np.zeros((1, 2, 2), bool)
+    region[0, 0, 0] = True
+    assert lungs.touches(np.array([3, 10, 10]), region)  # next slice, next cell: touching
+    assert lungs.touches(np.array([1, 6, 6]), region)  # previous slice, one cell before (rows 6-7)
+    assert not lungs.touches(np.array([4, 8, 8]), region)  # two slices away
+    assert not lungs.touches(np.array([2, 12, 8]), region)  # two cells away (rows 12-13)
+    assert not lungs.touches(np.array([2, 8, 8]), np.zeros((1, 2, 2), bool))  # nothing to place
+
+
+def test_findings_away_from_the_lungs_are_dropped_and_the_rest_relabelled():
+    from glance.preprocess import lung_map
+
+    prob, heat, truth = scene()
+    # The lungs end two slices below sphere B: A sits inside them, B in the soft tissue beyond.
+    lungs = lung_map(chest((4, 28), nodules=(truth["A"], truth["B"])), SPACING)
+    assert lungs is not None
+    det = find_nodules(prob, heat, SPACING, lungs=lungs)
+    assert det.labels.max() == 1 and np.array_equal(det.labels == 1, truth["A"])
+    assert [c.peak_index for c in det.candidates] == [A_CENTRE]
+    assert [c.peak_index for c in candidates_for_froc(prob, heat, SPACING, lungs=lungs)] == [A_CENTRE]
+    assert find_nodules(prob, heat, SPACING).labels.max() == 2  # without the lungs both stay
+
+
+def test_a_nodule_on_the_lung_wall_is_kept():
+    from glance.preprocess import lung_map
+
+    prob, heat, truth = scene()
+    # B (rows 54-66) straddles the lung's wall at row 55: a juxta-pleural nodule, mostly in the wall.
+    lungs = lung_map(chest((4, 40), nodules=(truth["A"], truth["B"])), SPACING)
+    assert truth["B"][:, 55:].sum() > truth["B"][:, :55].sum()
+    det = find_nodules(prob, heat, SPACING, lungs=lungs)
+    assert [c.peak_index for c in det.candidates] == [A_CENTRE, B_CENTRE]
+
+
+def test_a_ct_without_lungs_skips_the_rule():
+    from glance.preprocess import lung_map
+
+    assert lung_map(np.full(SHAPE, 40, np.int16), SPACING) is None
+
+
+def test_a_gas_pocket_far_smaller_than_the_lungs_is_not_lung():
+    from glance.preprocess import lung_map
+
+    spacing = (5.0, 2.8, 2.8)  # 39 mm3 voxels: a 1.25 l lung box and a 34 ml gas pocket (2.8 % of it)
+    hu = np.full(SHAPE, 40, np.int16)
+    hu[4:24, 8:48, 8:48] = -850
+    hu[36:42, 60:72, 60:72] = -900
+    lungs = lung_map(hu, spacing)
+    assert lungs.step == 1 and lungs.mask.sum() == 20 * 40 * 40
+    assert not lungs.mask[36:42, 60:72, 60:72].any()
+    pocket = np.zeros((1, 2, 2), bool)
+    pocket[0, 0, 0] = True
+    assert not lungs.touches(np.array([38, 72, 66]), pocket)  # just below the pocket: not against the lungs
+    assert lungs.touches(np.array([12, 48, 20]), pocket)  # just beyond the lung box's wall

@@ -168,6 +168,15 @@ def test_real_dicom_scan_end_to_end_with_the_shipped_model(tmp_path, capsys):
     if shutil.which("dciodvfy"):
         proc = subprocess.run(["dciodvfy", str(seg)], capture_output=True, text=True)
         assert not [line for line in proc.stderr.splitlines() if line.startswith("Error")]
+    # Findings away from the lungs come back only on request, and the rest stay as they were.
+    assert report["postprocess"]["require_lung_contact"] is True
+    rc, _, err = _run(["refilter", str(out), "--keep-outside-lungs"], capsys)
+    assert rc == 0, err
+    everything = json.loads((out / "report.json").read_text())
+    assert everything["postprocess"]["require_lung_contact"] is False
+    kept = {tuple(n["centre_lps"]) for n in report["nodules"]}
+    assert kept <= {tuple(n["centre_lps"]) for n in everything["nodules"]}
+    assert everything["n_nodules"] >= report["n_nodules"]
 
 
 def test_sigint_interrupts_even_when_inherited_as_ignored(tmp_path):

@@ -144,8 +144,17 @@ def _detect(ct: Volume, prob: np.ndarray, heatmap: np.ndarray, cfg: PostprocessC
     from glance.postprocess import find_nodules
 
     canon, grid = canonical_volume(ct)
-    detections = find_nodules(grid.to_canonical(prob), grid.to_canonical(heatmap), tuple(grid.canonical_spacing), cfg)
+    spacing = tuple(grid.canonical_spacing)
+    detections = find_nodules(grid.to_canonical(prob), grid.to_canonical(heatmap), spacing, cfg,
+                              lungs_for(canon.array, spacing, cfg))
     return canon, grid, detections
+
+
+def lungs_for(hu: np.ndarray, spacing: tuple[float, float, float], cfg: PostprocessConfig):
+    """The lungs that post-processing's rule 8 checks findings against (None when it is off)."""
+    from glance.preprocess import lung_map
+
+    return lung_map(hu, spacing) if cfg.require_lung_contact else None
 
 
 def _on_input_grid(nodule: Nodule, ct: Volume) -> Nodule:

@@ -31,6 +31,12 @@ The rules (DESIGN step 4):
    equivalent-sphere diameter is below ``min_diameter_mm``.
 7. confidence = detection score (max heatmap) x mean probability over the
    nodule's voxels; nodules are labelled 1..N by decreasing confidence.
+8. Given the CT's lungs (``lungs``, a ``glance.preprocess.LungMap``; the pipeline
+   passes them unless ``require_lung_contact`` is off), a nodule must lie against
+   them: within about 2 mm in-plane and one slice of the lung mask. Every lung
+   nodule borders lung parenchyma, juxta-pleural and juxta-vascular ones included;
+   findings inside the mediastinum, heart, bone or upper abdomen do not, and are
+   dropped before the ``max_nodules`` / ``max_candidates`` cut.
 
 Memory: one boolean mask of the volume, component maps over the mask's bounding
 box only (cc3d picks uint16 when it can), the uint16 output; everything else per
@@ -71,6 +77,7 @@ class PostprocessConfig:
     max_candidates: int = 100  # FROC candidates per scan (LUNA16 protocol)
     froc_det_threshold: float = 0.05  # low threshold so FROC reaches high FP rates
     max_peaks_per_slice: int = 256  # bounds work on a noisy heatmap
+    require_lung_contact: bool = True  # rule 8; off for a CT whose lungs the field of view cuts
 
 
 @dataclass
@@ -139,10 +146,12 @@ def find_nodules(
     heatmap: np.ndarray,
     spacing: tuple[float, float, float],
     cfg: PostprocessConfig | None = None,
+    lungs=None,
 ) -> Detections:
-    """Nodules from the network maps: a uint16 instance map and one Candidate per label."""
+    """Nodules from the network maps: a uint16 instance map and one Candidate per label.
+    ``lungs``: the CT's ``LungMap`` for rule 8, or None to skip it."""
     cfg = cfg or PostprocessConfig()
-    nodules = _nodules(prob, heatmap, spacing, cfg)[: cfg.max_nodules]
+    nodules = _nodules(prob, heatmap, spacing, cfg, lungs)[: cfg.max_nodules]
     labels = np.zeros(prob.shape, dtype=np.uint16)
     candidates = []
     for label, nod in enumerate(nodules, start=1):
@@ -158,13 +167,14 @@ def candidates_for_froc(
     heatmap: np.ndarray,
     spacing: tuple[float, float, float],
     cfg: PostprocessConfig | None = None,
+    lungs=None,
 ) -> list[Candidate]:
     """Scored candidates for FROC: every rule of find_nodules, but a low detection
     threshold (``froc_det_threshold``) so the curve reaches many false positives
     per scan, at most ``max_candidates``, best first. ``label`` is the rank."""
     cfg = cfg or PostprocessConfig()
     low = replace(cfg, det_threshold=min(cfg.det_threshold, cfg.froc_det_threshold))
-    nodules = _nodules(prob, heatmap, spacing, low)[: cfg.max_candidates]
+    nodules = _nodules(prob, heatmap, spacing, low, lungs)[: cfg.max_candidates]
     return [_candidate(rank, nod) for rank, nod in enumerate(nodules, start=1)]
 
 
@@ -281,7 +291,7 @@ def _seeds_per_component(
 # --------------------------------------------------------------------------- segmentation
 
 
-def _nodules(prob, heatmap, spacing, cfg: PostprocessConfig) -> list[_Nodule]:
+def _nodules(prob, heatmap, spacing, cfg: PostprocessConfig, lungs=None) -> list[_Nodule]:
     """All nodules passing every rule, best first."""
     _check_maps(prob, heatmap, spacing)
     spacing = tuple(float(s) for s in spacing)
@@ -303,6 +313,11 @@ def _nodules(prob, heatmap, spacing, cfg: PostprocessConfig) -> list[_Nodule]:
             nod = _finish(part, origin, seed, prob, spacing, cfg)
             if nod is not None:
                 nodules.append(nod)
+    if lungs is not None:
+        inside = [n for n in nodules if lungs.touches(n.origin, n.mask)]
+        if len(inside) < len(nodules):
+            log.info("post-process: %d findings away from the lungs dropped", len(nodules) - len(inside))
+        nodules = inside
     nodules.sort(key=lambda n: (-n.confidence, tuple(n.seed.peak)))
     return nodules
 

@@ -20,6 +20,9 @@ AIR_HU = -400  # lung parenchyma and air lie below, soft tissue above
 COARSE_MM = 2.0  # in-plane pixel size of the lung-mask copy
 MIN_LUNG_ML = 20.0  # air pockets smaller than this are not lung (bowel gas, noise)
 MARGIN_MM = 10.0  # kept around the lungs: juxta-pleural nodules sit on their border
+# Enclosed air pockets under this share of the largest are stomach or bowel gas, not lung: the lungs
+# (each at least about a fifth of both, even with a collapsed lobe) dwarf any gas bubble.
+LUNG_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,43 @@ def lung_mask(hu: np.ndarray, spacing: tuple[float, float, float], coarse_mm: fl
         for k in range(mask.shape[0]):
             mask[k] = ndimage.binary_fill_holes(mask[k])
     return mask, step
+
+
+@dataclass(frozen=True)
+class LungMap:
+    """The lung mask of ``lung_mask`` (coarse in-plane grid), for asking whether a finding lies
+    against the lungs."""
+
+    mask: np.ndarray  # bool (slices, rows / step, columns / step)
+    step: int  # in-plane subsampling of ``mask``
+
+    def touches(self, origin: np.ndarray, region: np.ndarray) -> bool:
+        """Whether a boolean ``region`` placed at canonical index ``origin`` lies within one mask cell
+        (about 2 mm in-plane) and one slice of the lungs."""
+        kk, jj, ii = np.nonzero(region)
+        if len(kk) == 0:
+            return False
+        cells = np.stack([kk + origin[0], (jj + origin[1]) // self.step, (ii + origin[2]) // self.step])
+        lo = np.maximum(cells.min(axis=1) - 1, 0)
+        hi = np.minimum(cells.max(axis=1) + 2, self.mask.shape)
+        local = np.zeros(hi - lo, dtype=bool)
+        local[tuple(cells - lo[:, None])] = True
+        near = ndimage.binary_dilation(local, structure=np.ones((3, 3, 3), dtype=bool))
+        return bool((near & self.mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]).any())
+
+
+def lung_map(hu: np.ndarray, spacing: tuple[float, float, float]) -> LungMap | None:
+    """The lungs of an axial-first CT, or None when it holds none (a crop, a phantom without
+    lungs, a non-chest scan): then no finding can be checked against them."""
+    mask, step = lung_mask(hu, spacing)
+    if not mask.any():
+        log.info("no lung region found: findings are not checked for lung contact")
+        return None
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+        mask = np.isin(labels, np.flatnonzero(sizes >= LUNG_SHARE * sizes.max()) + 1)
+    return LungMap(mask, step)
 
 
 def lung_crop(hu: np.ndarray, spacing: tuple[float, float, float]) -> Crop:

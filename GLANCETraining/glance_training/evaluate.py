@@ -96,13 +96,14 @@ def froc_inputs(loaded, prob, heatmap, cfg, score: str = "confidence"):
     """(candidates, reference nodules, excluded findings) of one scan, all in LPS mm. ``prob`` and
     ``heatmap`` lie on ``loaded.ct``'s grid; candidates are scored by their ``score`` field
     (``confidence``, as the FROC ranks them, or ``detection_score``, the heatmap peak)."""
-    from glance.pipeline import canonical_volume
+    from glance.pipeline import canonical_volume, lungs_for
     from glance.postprocess import candidates_for_froc
     from glance_training.froc import Candidate, Finding
 
     canon, grid = canonical_volume(loaded.ct)
-    found = candidates_for_froc(grid.to_canonical(prob), grid.to_canonical(heatmap),
-                                tuple(grid.canonical_spacing), cfg)
+    spacing = tuple(grid.canonical_spacing)
+    found = candidates_for_froc(grid.to_canonical(prob), grid.to_canonical(heatmap), spacing, cfg,
+                                lungs_for(canon.array, spacing, cfg))
     cands = [Candidate(tuple(canon.ijk_to_lps(np.asarray(c.position_index)[::-1])), getattr(c, score))
              for c in found]
     refs = [Finding(tuple(a.centre_lps), a.diameter_mm) for a in loaded.nodules if not a.excluded]

@@ -6,12 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from glance.cli.segment import add_threshold_arguments, postprocess_config, threshold_arguments
+from glance.cli.segment import add_lung_argument, add_threshold_arguments, postprocess_config, threshold_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("result", help="a folder written by 'glance segment'")
     add_threshold_arguments(parser)
+    add_lung_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--series", help="SeriesInstanceUID when the folder holds several series")
     add_model_arguments(parser)
     add_threshold_arguments(parser)
+    add_lung_argument(parser)
     parser.add_argument("--max-voxels", type=int, help="refuse larger volumes (default: sized to this machine)")
     parser.add_argument("--no-snapshots", action="store_true", help="skip the per-nodule PNG snapshots")
     parser.add_argument("--progress-lines", action="store_true",
@@ -47,6 +48,12 @@ def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
                         help="centre heatmap threshold (default: the model's calibrated value, else 0.3)")
 
 
+def add_lung_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep-outside-lungs", action="store_true",
+                        help="also report findings that do not touch the lungs (dropped by default: they lie in "
+                             "the mediastinum, bone or abdomen); for a CT whose field of view cuts the lungs")
+
+
 def threshold_arguments(args: argparse.Namespace) -> dict[str, float | None]:
     """The thresholds given on the command line (None where not given), checked."""
     from glance.errors import GlanceError
@@ -66,6 +73,8 @@ def postprocess_config(args: argparse.Namespace, base=None):
     from glance.postprocess import PostprocessConfig
 
     given = {k: v for k, v in threshold_arguments(args).items() if v is not None}
+    if getattr(args, "keep_outside_lungs", False):
+        given["require_lung_contact"] = False
     return replace(base or PostprocessConfig(), **given)
 
 
@@ -109,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         inference=InferenceOptions(args.device, args.batch, args.precision, args.threads, args.tta),
         **threshold_arguments(args),
+        postprocess=postprocess_config(args),
         series_uid=args.series,
         max_voxels=args.max_voxels,
         snapshots=not args.no_snapshots,
