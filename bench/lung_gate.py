@@ -1,6 +1,6 @@
 """What post-processing rule 8 (a finding must lie against the lungs) changes, at the model's thresholds.
 
-    python bench/lung_gate.py [--model glance-small] [--phantoms 128] [--skip-scans]
+    python bench/lung_gate.py [--model glance-small] [--phantoms 128] [--held-out-phantoms 8] [--skip-scans]
 
 The network runs once per case; its maps are post-processed with the rule and without it
 (``--keep-outside-lungs``), and the reported nodules are matched to the reference by the FROC's
@@ -8,6 +8,8 @@ rule (LUNA16: centre within the nodule's radius; a second report of a found nodu
 hit nor a false positive). Data:
 - the validation phantoms of ``phantom:N`` as the model's calibration split them (nodules of every
   attachment, juxta-pleural included: the rule must not lose one);
+- with ``--held-out-phantoms N``, also the N unseen phantoms that ``glance evaluate`` and
+  ``bench/evaluate_shipped.py`` score (seeds never trained on);
 - LIDC-IDRI-0001 and -0003 (always held out), unless ``--skip-scans``.
 Writes bench/results/lung_gate.json (bench/results/ is git-ignored).
 """
@@ -40,11 +42,12 @@ def count(loaded, nodules) -> dict:
 def main() -> None:
     from glance.infer import InferenceOptions
     from glance.pipeline import SegmentOptions, analyse_maps, load_network, predict_maps, with_model_thresholds
-    from glance_training.evaluate import split_cases, training_split
+    from glance_training.evaluate import EVALUATION_SEED_OFFSET, split_cases, training_split
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="glance-small")
     ap.add_argument("--phantoms", type=int, default=128, help="phantom:N of the model's training data")
+    ap.add_argument("--held-out-phantoms", type=int, default=0, help="also the N unseen phantoms of evaluate")
     ap.add_argument("--skip-scans", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -53,22 +56,24 @@ def main() -> None:
     options = with_model_thresholds(options, network[1])
     split = training_split(network[1])
     seed = int(((network[1].training or {}).get("config") or {}).get("seed", 0))
-    sources = [(f"phantom:{args.phantoms}", "val")]
+    sources = [(f"phantom:{args.phantoms}", "val", seed)]
+    if args.held_out_phantoms:
+        sources.append((f"phantom:{args.held_out_phantoms}", "all", seed + EVALUATION_SEED_OFFSET))
     if not args.skip_scans:
-        sources += [(f"lidc:{DATA / 'LIDC-IDRI-0001'}", "test"), (f"lidc:{DATA / 'scans'}", "test")]
+        sources += [(f"lidc:{DATA / 'LIDC-IDRI-0001'}", "test", seed), (f"lidc:{DATA / 'scans'}", "test", seed)]
     result = {"model": str(args.model), "thresholds": [options.postprocess.seg_threshold,
                                                        options.postprocess.det_threshold], "cases": {}}
-    for spec_text, which in sources:
-        _, cases = split_cases(spec_text, which, 0, split, seed)
+    for spec_text, which, source_seed in sources:
+        _, cases = split_cases(spec_text, which, 0, split, source_seed)
         for case in cases:
             loaded = case.load()
             prob, heat, _, _ = predict_maps(loaded.ct, network, options.inference)
-            result["cases"][loaded.case_id] = {
+            result["cases"][f"{which}:{loaded.case_id}"] = {
                 rule: count(loaded, analyse_maps(loaded.ct, prob, heat,
                                                  replace(options.postprocess, require_lung_contact=on))[1])
                 for rule, on in (("without_rule", False), ("with_rule", True))}
     totals = {}
-    for group, prefix in (("phantoms", "phantom"), ("scans", "LIDC")):
+    for group, prefix in (("validation phantoms", "val:"), ("held-out phantoms", "all:"), ("scans", "test:")):
         rows = [v for k, v in result["cases"].items() if k.startswith(prefix)]
         if rows:
             totals[group] = {rule: {key: sum(r[rule][key] for r in rows) for key in rows[0][rule]} | {"cases": len(rows)}

@@ -38,6 +38,7 @@ from glance.errors import GlanceError
 log = logging.getLogger(__name__)
 
 CROP_KINDS = {"maxslice", "crops3d"}
+EVALUATION_SEED_OFFSET = 7919  # phantoms evaluated are generated from the training seed + this: never trained on
 CANDIDATES_FILE = "candidates.csv"
 SERIESUIDS_FILE = "seriesuids.csv"
 
@@ -185,7 +186,7 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     card = network[1]
     options = with_model_thresholds(options, card)
     split = training_split(card)
-    seed = int(((card.training or {}).get("config") or {}).get("seed", 0)) + 7919  # unseen phantoms
+    seed = int(((card.training or {}).get("config") or {}).get("seed", 0)) + EVALUATION_SEED_OFFSET
     got = _Collected()
     for spec_text in cfg.data:
         spec, cases = split_cases(spec_text, cfg.split, cfg.max_cases, split, seed)
