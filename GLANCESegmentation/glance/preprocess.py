@@ -20,8 +20,8 @@ AIR_HU = -400  # lung parenchyma and air lie below, soft tissue above
 COARSE_MM = 2.0  # in-plane pixel size of the lung-mask copy
 MIN_LUNG_ML = 20.0  # air pockets smaller than this are not lung (bowel gas, noise)
 MARGIN_MM = 10.0  # kept around the lungs: juxta-pleural nodules sit on their border
-# Enclosed air pockets under this share of the largest are stomach or bowel gas, not lung: the lungs
-# (each at least about a fifth of both, even with a collapsed lobe) dwarf any gas bubble.
+# Enclosed air pockets under this share of the largest are stomach or bowel gas, not lung: a lung holds
+# litres of air, a gas bubble tens to hundreds of millilitres.
 LUNG_SHARE = 0.1
 
 
