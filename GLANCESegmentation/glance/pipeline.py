@@ -14,6 +14,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
@@ -23,6 +24,9 @@ from glance.infer import CancelFn, InferenceOptions, ProgressFn
 from glance.nodule import Nodule
 from glance.postprocess import PostprocessConfig
 from glance.volume import Volume
+
+if TYPE_CHECKING:
+    from glance.preprocess import LungMap
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +154,7 @@ def _detect(ct: Volume, prob: np.ndarray, heatmap: np.ndarray, cfg: PostprocessC
     return canon, grid, detections
 
 
-def lungs_for(hu: np.ndarray, spacing: tuple[float, float, float], cfg: PostprocessConfig):
+def lungs_for(hu: np.ndarray, spacing: tuple[float, float, float], cfg: PostprocessConfig) -> LungMap | None:
     """The lungs that post-processing's rule 8 checks findings against (None when it is off)."""
     from glance.preprocess import lung_map
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
@@ -56,6 +57,9 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from glance.errors import InputError
+
+if TYPE_CHECKING:
+    from glance.preprocess import LungMap
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +150,7 @@ def find_nodules(
     heatmap: np.ndarray,
     spacing: tuple[float, float, float],
     cfg: PostprocessConfig | None = None,
-    lungs=None,
+    lungs: LungMap | None = None,
 ) -> Detections:
     """Nodules from the network maps: a uint16 instance map and one Candidate per label.
     ``lungs``: the CT's ``LungMap`` for rule 8, or None to skip it."""
@@ -167,7 +171,7 @@ def candidates_for_froc(
     heatmap: np.ndarray,
     spacing: tuple[float, float, float],
     cfg: PostprocessConfig | None = None,
-    lungs=None,
+    lungs: LungMap | None = None,
 ) -> list[Candidate]:
     """Scored candidates for FROC: every rule of find_nodules, but a low detection
     threshold (``froc_det_threshold``) so the curve reaches many false positives
@@ -291,7 +295,7 @@ def _seeds_per_component(
 # --------------------------------------------------------------------------- segmentation
 
 
-def _nodules(prob, heatmap, spacing, cfg: PostprocessConfig, lungs=None) -> list[_Nodule]:
+def _nodules(prob, heatmap, spacing, cfg: PostprocessConfig, lungs: LungMap | None = None) -> list[_Nodule]:
     """All nodules passing every rule, best first."""
     _check_maps(prob, heatmap, spacing)
     spacing = tuple(float(s) for s in spacing)
