@@ -22,21 +22,19 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
 
 def count(loaded, nodules) -> dict:
-    from glance_training.froc import Candidate, Finding, match_scan
+    """Reported nodules, reference nodules, found, false positives (``glance evaluate``'s matching)."""
+    from glance_training.evaluate import reference_findings, reported_outcome
+    from glance_training.froc import Candidate
 
-    refs = [Finding(tuple(a.centre_lps), a.diameter_mm) for a in loaded.nodules if not a.excluded]
-    excluded = [Finding(tuple(a.centre_lps), a.diameter_mm) for a in loaded.nodules if a.excluded]
-    outcome = match_scan([Candidate(tuple(n.centre_lps), n.confidence) for n in nodules], refs, excluded)
-    return {"reported": len(nodules), "nodules": len(refs),
-            "found": int(np.count_nonzero(~np.isnan(outcome.nodule_scores))),
-            "false_positives": len(outcome.fp_scores)}
+    outcome = reported_outcome([Candidate(tuple(n.centre_lps), n.confidence) for n in nodules],
+                               *reference_findings(loaded))
+    return {"reported": outcome["n_reported"], "nodules": outcome["n_nodules"],
+            "found": len(outcome["found"]), "false_positives": outcome["n_false_positives"]}
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from glance import __version__
 from glance.infer import CancelFn, InferenceOptions, ProgressFn
 from glance.nodule import Nodule
 from glance.postprocess import PostprocessConfig
+from glance.preprocess import FIND_LUNGS
 from glance.volume import Volume
 
 if TYPE_CHECKING:
@@ -138,27 +139,44 @@ def analyse_maps(ct: Volume, prob: np.ndarray, heatmap: np.ndarray, cfg: Postpro
     return labels, [_on_input_grid(n, ct) for n in nodules]
 
 
-def nodule_labels(ct: Volume, prob: np.ndarray, heatmap: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
-    """Step 4 alone: the nodules' instance labels on the input grid, without measuring them."""
-    _, grid, detections = _detect(ct, prob, heatmap, cfg)
+def nodule_labels(ct: Volume, prob: np.ndarray, heatmap: np.ndarray, cfg: PostprocessConfig,
+                  lungs: LungMap | None | str = FIND_LUNGS) -> np.ndarray:
+    """Step 4 alone: the nodules' instance labels on the input grid, without measuring them.
+    ``lungs``: the CT's lungs from ``ct_lungs`` when the caller post-processes one CT many times."""
+    _, grid, detections = _detect(ct, prob, heatmap, cfg, lungs)
     return np.ascontiguousarray(grid.to_original(detections.labels))
 
 
-def _detect(ct: Volume, prob: np.ndarray, heatmap: np.ndarray, cfg: PostprocessConfig):
+def _detect(ct: Volume, prob: np.ndarray, heatmap: np.ndarray, cfg: PostprocessConfig,
+            lungs: LungMap | None | str = FIND_LUNGS):
     from glance.postprocess import find_nodules
 
     canon, grid = canonical_volume(ct)
     spacing = tuple(grid.canonical_spacing)
     detections = find_nodules(grid.to_canonical(prob), grid.to_canonical(heatmap), spacing, cfg,
-                              lungs_for(canon.array, spacing, cfg))
+                              lungs_for(canon.array, spacing, cfg, lungs))
     return canon, grid, detections
 
 
-def lungs_for(hu: np.ndarray, spacing: tuple[float, float, float], cfg: PostprocessConfig) -> LungMap | None:
-    """The lungs that post-processing's rule 8 checks findings against (None when it is off)."""
+def lungs_for(hu: np.ndarray, spacing: tuple[float, float, float], cfg: PostprocessConfig,
+              lungs: LungMap | None | str = FIND_LUNGS) -> LungMap | None:
+    """The lungs that post-processing's rule 8 checks findings against: None when the rule is off,
+    else ``lungs`` when the caller already has them, else found in the canonical CT ``hu``."""
+    if not cfg.require_lung_contact:
+        return None
+    if lungs != FIND_LUNGS:
+        return lungs
     from glance.preprocess import lung_map
 
-    return lung_map(hu, spacing) if cfg.require_lung_contact else None
+    return lung_map(hu, spacing)
+
+
+def ct_lungs(ct: Volume) -> LungMap | None:
+    """The lungs of a CT on its input grid, found once for many post-processings of it."""
+    from glance.preprocess import lung_map
+
+    canon, grid = canonical_volume(ct)
+    return lung_map(canon.array, tuple(grid.canonical_spacing))
 
 
 def _on_input_grid(nodule: Nodule, ct: Volume) -> Nodule:

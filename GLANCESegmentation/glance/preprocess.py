@@ -23,6 +23,7 @@ MARGIN_MM = 10.0  # kept around the lungs: juxta-pleural nodules sit on their bo
 # Enclosed air pockets under this share of the largest are stomach or bowel gas, not lung: a lung holds
 # litres of air, a gas bubble tens to hundreds of millilitres.
 LUNG_SHARE = 0.1
+FIND_LUNGS = "find"  # a ``lungs`` argument meaning: rule 8 finds the lungs in the CT itself
 
 
 @dataclass(frozen=True)

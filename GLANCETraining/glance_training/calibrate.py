@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from glance.errors import GlanceError
+from glance.preprocess import FIND_LUNGS
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class CaseMaps:
     loaded: object  # glance_training.datasets.LoadedCase
     prob: np.ndarray
     heat: np.ndarray
+    lungs: object = FIND_LUNGS  # a volume's LungMap (or None), found once for every threshold tried
 
 
 def calibrate(cfg: CalibrationConfig, progress=None) -> Calibration:
@@ -144,7 +146,7 @@ def choose_thresholds(groups: list[tuple[str, list[CaseMaps], bool]], cfg: Calib
 
 def _predict_source(spec_text: str, cfg: CalibrationConfig, network, inference, progress):
     """(spec, [cases with maps], volumetric) of the labelled cases of one source's split."""
-    from glance.pipeline import predict_maps
+    from glance.pipeline import ct_lungs, predict_maps
     from glance_training.evaluate import CROP_KINDS, split_cases, training_split
 
     card = network[1]
@@ -156,7 +158,7 @@ def _predict_source(spec_text: str, cfg: CalibrationConfig, network, inference, 
         loaded = case.load()
         if _has_mask(loaded) or (volumetric and any(not a.excluded for a in loaded.nodules)):
             prob, heat, _, _ = predict_maps(loaded.ct, network, inference, whole_image=not volumetric)
-            kept.append(CaseMaps(loaded, prob, heat))
+            kept.append(CaseMaps(loaded, prob, heat, ct_lungs(loaded.ct) if volumetric else None))
         if progress:
             progress(f"PROGRESS {n}/{len(cases)} {spec.kind}")
     log.info("%s: %d labelled %s cases", spec_text, len(kept), cfg.split)
@@ -183,7 +185,7 @@ def _seg_curve(spec: str, cases: list[CaseMaps], volumetric: bool, cfg: Calibrat
         dice = []
         for c in masked:
             if volumetric:  # the whole pipeline, detecting at the lowest threshold the calibration considers
-                pred = nodule_labels(c.loaded.ct, c.prob, c.heat, PostprocessConfig(t, lowest))
+                pred = nodule_labels(c.loaded.ct, c.prob, c.heat, PostprocessConfig(t, lowest), c.lungs)
             else:
                 pred = c.prob >= raw_threshold(t, c.prob.dtype)
             dice += [s.scores.dice for s in score_nodules(pred, c.loaded.labels, _spacing_kji(c.loaded))]
@@ -233,7 +235,7 @@ def _volume_detection_scores(c: CaseMaps, seg: float):
     from glance_training.froc import match_scan
 
     outcome = match_scan(*froc_inputs(c.loaded, c.prob, c.heat, PostprocessConfig(seg_threshold=seg),
-                                      score="detection_score"))
+                                      score="detection_score", lungs=c.lungs))
     return outcome.nodule_scores, outcome.fp_scores
 
 

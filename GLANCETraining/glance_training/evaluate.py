@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from glance.errors import GlanceError
+from glance.preprocess import FIND_LUNGS
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +94,31 @@ def _crop_prediction(loaded, network, options) -> np.ndarray:
     return prob >= raw_threshold(options.postprocess.seg_threshold, prob.dtype)
 
 
-def froc_inputs(loaded, prob, heatmap, cfg, score: str = "confidence"):
+def froc_inputs(loaded, prob, heatmap, cfg, score: str = "confidence", lungs=FIND_LUNGS):
     """(candidates, reference nodules, excluded findings) of one scan, all in LPS mm. ``prob`` and
     ``heatmap`` lie on ``loaded.ct``'s grid; candidates are scored by their ``score`` field
-    (``confidence``, as the FROC ranks them, or ``detection_score``, the heatmap peak)."""
+    (``confidence``, as the FROC ranks them, or ``detection_score``, the heatmap peak). ``lungs``:
+    the scan's lungs (``glance.pipeline.ct_lungs``) when known, else found here."""
     from glance.pipeline import canonical_volume, lungs_for
     from glance.postprocess import candidates_for_froc
-    from glance_training.froc import Candidate, Finding
+    from glance_training.froc import Candidate
 
     canon, grid = canonical_volume(loaded.ct)
     spacing = tuple(grid.canonical_spacing)
     found = candidates_for_froc(grid.to_canonical(prob), grid.to_canonical(heatmap), spacing, cfg,
-                                lungs_for(canon.array, spacing, cfg))
+                                lungs_for(canon.array, spacing, cfg, lungs))
     cands = [Candidate(tuple(canon.ijk_to_lps(np.asarray(c.position_index)[::-1])), getattr(c, score))
              for c in found]
+    return (cands, *reference_findings(loaded))
+
+
+def reference_findings(loaded):
+    """(reference nodules, excluded findings) of one scan as FROC findings, in LPS mm."""
+    from glance_training.froc import Finding
+
     refs = [Finding(tuple(a.centre_lps), a.diameter_mm) for a in loaded.nodules if not a.excluded]
     excluded = [Finding(tuple(a.centre_lps), a.diameter_mm) for a in loaded.nodules if a.excluded]
-    return cands, refs, excluded
+    return refs, excluded
 
 
 @dataclass
@@ -238,22 +247,26 @@ def reported_summary(got: _Collected) -> dict:
     indices among the scan's non-excluded findings) and missed, false positives, reports ignored
     because they lie on an excluded finding, and second reports of a nodule already found (neither
     a hit nor a false positive, as in LUNA16); then the totals."""
-    from glance_training.froc import match_scan
-
-    scans = {}
-    for scan in got.scans:
-        outcome = match_scan(got.reported[scan], got.references[scan], got.excluded[scan])
-        found = ~np.isnan(outcome.nodule_scores)
-        scans[scan] = {"n_reported": len(got.reported[scan]), "n_nodules": int(found.size),
-                       "found": np.flatnonzero(found).tolist(), "missed": np.flatnonzero(~found).tolist(),
-                       "n_false_positives": int(outcome.fp_scores.size),
-                       "n_ignored_excluded": outcome.n_ignored_excluded,
-                       "n_second_reports": outcome.n_ignored_double}
+    scans = {scan: reported_outcome(got.reported[scan], got.references[scan], got.excluded[scan])
+             for scan in got.scans}
     n_nodules = sum(s["n_nodules"] for s in scans.values())
     n_fp = sum(s["n_false_positives"] for s in scans.values())
     return {"n_scans": len(scans), "n_nodules": n_nodules,
             "sensitivity": sum(len(s["found"]) for s in scans.values()) / n_nodules if n_nodules else None,
             "n_false_positives": n_fp, "fp_per_scan": n_fp / len(scans) if scans else None, "scans": scans}
+
+
+def reported_outcome(reported, references, excluded) -> dict:
+    """One scan's reported nodules (FROC candidates) matched to its reference by the FROC's rule."""
+    from glance_training.froc import match_scan
+
+    outcome = match_scan(reported, references, excluded)
+    found = ~np.isnan(outcome.nodule_scores)
+    return {"n_reported": len(reported), "n_nodules": int(found.size),
+            "found": np.flatnonzero(found).tolist(), "missed": np.flatnonzero(~found).tolist(),
+            "n_false_positives": int(outcome.fp_scores.size),
+            "n_ignored_excluded": outcome.n_ignored_excluded,
+            "n_second_reports": outcome.n_ignored_double}
 
 
 def _report(cfg: EvaluateConfig, options, card, split, got: _Collected) -> dict:
