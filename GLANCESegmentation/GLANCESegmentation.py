@@ -110,6 +110,7 @@ class GLANCESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.resultsTable.connect("itemChanged(QTableWidgetItem*)", self.onItemChanged)
         self.ui.showSurfacesCheckBox.connect("toggled(bool)", self.onShowSurfaces)
         self.ui.flipAveragingCheckBox.connect("toggled(bool)", self.onFlipAveragingToggled)
+        self.ui.keepOutsideLungsCheckBox.connect("toggled(bool)", self.onThresholdChanged)
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
 
@@ -226,10 +227,12 @@ class GLANCESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 segThreshold=segThreshold,
                 detThreshold=detThreshold,
                 flipAveraging=self.ui.flipAveragingCheckBox.checked,
+                keepOutsideLungs=self.ui.keepOutsideLungsCheckBox.checked,
             )
             self.startPolling("segment", _("Segmenting..."))
 
     def onThresholdChanged(self, value):
+        """A threshold or the lungs rule changed: re-filter the saved result (debounced)."""
         if self._outDir is not None and self._nodes is not None:
             self._refilterTimer.start()  # restarts while the slider moves
 
@@ -241,6 +244,7 @@ class GLANCESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self._outDir,
             segThreshold=self.ui.segmentationThresholdSlider.value,
             detThreshold=self.ui.detectionThresholdSlider.value,
+            keepOutsideLungs=self.ui.keepOutsideLungsCheckBox.checked,
         )
         self._jobOutDir, self._jobVolume = self._outDir, self._nodes.volume_node
         self.startPolling("refilter", _("Re-filtering..."))
@@ -422,9 +426,10 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
         return Path(outDir) / "result"
 
     def startSegmentation(self, volumeNode, model, device, outDir, segThreshold=None, detThreshold=None,
-                          flipAveraging=False):
+                          flipAveraging=False, keepOutsideLungs=False):
         """``glance segment`` on the CT as Slicer holds it; a threshold left None is the engine's choice
-        (the model card's calibrated value, else the engine's default)."""
+        (the model card's calibrated value, else the engine's default). ``keepOutsideLungs`` also
+        reports findings that do not touch the lungs (post-processing rule 8 off)."""
         runner = engine().runner
         # The engine reads the CT exactly as Slicer holds it (LPS NRRD), whatever it was loaded from.
         inputPath = Path(outDir) / "input.nrrd"
@@ -432,14 +437,15 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(_("Could not write the CT to {path}").format(path=inputPath))
         command = runner.segment_command(inputPath, self.resultFolder(outDir), model, device,
                                          seg_threshold=segThreshold, det_threshold=detThreshold,
-                                         tta=flipAveraging)
+                                         tta=flipAveraging, keep_outside_lungs=keepOutsideLungs)
         return runner.BackgroundJob(command).start()
 
-    def startRefilter(self, outDir, segThreshold, detThreshold):
-        """``glance refilter``: new thresholds on the saved maps, no network."""
+    def startRefilter(self, outDir, segThreshold, detThreshold, keepOutsideLungs=None):
+        """``glance refilter``: new thresholds, or the lungs rule turned on or off (None: as the run
+        had it), on the saved maps; no network."""
         runner = engine().runner
         command = runner.refilter_command(self.resultFolder(outDir), seg_threshold=segThreshold,
-                                          det_threshold=detThreshold)
+                                          det_threshold=detThreshold, keep_outside_lungs=keepOutsideLungs)
         return runner.BackgroundJob(command).start()
 
     # -- results ----------------------------------------------------------------------

@@ -123,7 +123,28 @@ def test_every_built_command_is_accepted_by_the_engine_parser():
     assert (seg.seg_threshold, seg.det_threshold, seg.progress_lines, seg.force) == (0.45, 0.2, True, True)
 
     ref = _parsed(runner.refilter_command("/o", 0.45, 0.2, python="py"))
-    assert (ref.result, ref.seg_threshold, ref.det_threshold) == ("/o", 0.45, 0.2)
+    assert (ref.result, ref.seg_threshold, ref.det_threshold, ref.keep_outside_lungs) == ("/o", 0.45, 0.2, None)
+    assert not seg.keep_outside_lungs
+
+
+@pytest.mark.parametrize("keep, segment_value, refilter_value, require_lung_contact", [
+    (True, True, True, False), (False, None, False, True), (None, None, None, "as saved")])
+def test_keeping_findings_outside_the_lungs_reaches_the_engine(keep, segment_value, refilter_value,
+                                                               require_lung_contact):
+    """segment: the flag or nothing (rule 8 on by default); refilter: on, off, or as the result had it."""
+    from dataclasses import replace
+
+    from glance.cli.segment import postprocess_config
+    from glance.postprocess import PostprocessConfig
+
+    if keep is not None:
+        seg = _parsed(runner.segment_command("/ct.nrrd", "/o", "m", python="py", keep_outside_lungs=keep))
+        assert seg.keep_outside_lungs is segment_value
+    ref = _parsed(runner.refilter_command("/o", python="py", keep_outside_lungs=keep))
+    assert ref.keep_outside_lungs is refilter_value
+    for saved in (True, False):  # what the result was made with
+        cfg = postprocess_config(ref, replace(PostprocessConfig(), require_lung_contact=saved))
+        assert cfg.require_lung_contact is (saved if require_lung_contact == "as saved" else require_lung_contact)
 
     train = _parsed(runner.train_command(["/c/a", "/c/b"], "glance-small@1.0.0", 3, "cpu", "site", run_dir="/r",
                                          data=["phantom:4"], config="/cfg.json", python="py"))

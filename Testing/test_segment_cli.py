@@ -177,6 +177,11 @@ def test_real_dicom_scan_end_to_end_with_the_shipped_model(tmp_path, capsys):
     kept = {tuple(n["centre_lps"]) for n in report["nodules"]}
     assert kept <= {tuple(n["centre_lps"]) for n in everything["nodules"]}
     assert everything["n_nodules"] >= report["n_nodules"]
+    rc, _, err = _run(["refilter", str(out), "--no-keep-outside-lungs"], capsys)  # and back on
+    assert rc == 0, err
+    again = json.loads((out / "report.json").read_text())
+    assert again["postprocess"]["require_lung_contact"] is True
+    assert [n["centre_lps"] for n in again["nodules"]] == [n["centre_lps"] for n in report["nodules"]]
 
 
 def test_sigint_interrupts_even_when_inherited_as_ignored(tmp_path):

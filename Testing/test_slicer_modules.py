@@ -472,10 +472,16 @@ def test_segmentation_logic_starts_the_engine_with_its_real_arguments(modules, t
                             flipAveraging=True)
     args = _engine_args(started[-1])
     assert (args.seg_threshold, args.det_threshold, args.tta) == (0.65, 0.4, True)
+    assert not args.keep_outside_lungs
+    logic.startSegmentation(volume, "m", "auto", tmp_path / "run", keepOutsideLungs=True)
+    assert _engine_args(started[-1]).keep_outside_lungs is True
     logic.startRefilter(tmp_path / "run", segThreshold=0.65, detThreshold=0.4)
     args = _engine_args(started[-1])
-    assert (args.command, args.result, args.seg_threshold, args.det_threshold) == (
-        "refilter", str(tmp_path / "run" / "result"), 0.65, 0.4)
+    assert (args.command, args.result, args.seg_threshold, args.det_threshold, args.keep_outside_lungs) == (
+        "refilter", str(tmp_path / "run" / "result"), 0.65, 0.4, None)
+    for keep in (True, False):  # the checkbox turns rule 8 off and back on for the saved result
+        logic.startRefilter(tmp_path / "run", segThreshold=0.65, detThreshold=0.4, keepOutsideLungs=keep)
+        assert _engine_args(started[-1]).keep_outside_lungs is keep
 
 
 def test_device_choices(modules):

@@ -90,11 +90,13 @@ def segment_command(
     det_threshold: float | None = None,
     python: str | None = None,
     tta: bool = False,
+    keep_outside_lungs: bool = False,
 ) -> list[str]:
     """``glance segment`` with machine-readable progress; overwrites ``out_dir``.
 
     A threshold left None is the engine's choice: the model card's calibrated value, else its default.
-    ``tta`` averages the network over the in-plane flips.
+    ``tta`` averages the network over the in-plane flips; ``keep_outside_lungs`` also reports findings
+    that do not touch the lungs (post-processing rule 8 off).
     """
     return _glance(
         python, "segment", str(input_path),
@@ -103,6 +105,7 @@ def segment_command(
         "--device", device,
         *_thresholds(seg_threshold, det_threshold),
         *(["--tta"] if tta else []),
+        *_lung_flag(keep_outside_lungs or None),
         "--progress-lines",
         "--force",
     )  # fmt: skip
@@ -113,9 +116,18 @@ def refilter_command(
     seg_threshold: float | None = None,
     det_threshold: float | None = None,
     python: str | None = None,
+    keep_outside_lungs: bool | None = None,
 ) -> list[str]:
-    """``glance refilter``: re-threshold a finished result from its saved maps (None: as the run had it)."""
-    return _glance(python, "refilter", str(out_dir), *_thresholds(seg_threshold, det_threshold))
+    """``glance refilter``: re-threshold a finished result from its saved maps; a threshold or
+    ``keep_outside_lungs`` left None stays as the run had it."""
+    return _glance(python, "refilter", str(out_dir), *_thresholds(seg_threshold, det_threshold),
+                   *_lung_flag(keep_outside_lungs))
+
+
+def _lung_flag(keep_outside_lungs: bool | None) -> list[str]:
+    if keep_outside_lungs is None:
+        return []
+    return ["--keep-outside-lungs" if keep_outside_lungs else "--no-keep-outside-lungs"]
 
 
 def _thresholds(seg_threshold: float | None, det_threshold: float | None) -> list[str]:

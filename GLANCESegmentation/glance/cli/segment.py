@@ -49,7 +49,9 @@ def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_lung_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--keep-outside-lungs", action="store_true",
+    # Tri-state: not given keeps what the result had (refilter) or the default (segment), so that
+    # refilter can turn the rule back on with --no-keep-outside-lungs.
+    parser.add_argument("--keep-outside-lungs", action=argparse.BooleanOptionalAction, default=None,
                         help="also report findings that do not touch the lungs (dropped by default: they lie in "
                              "the mediastinum, bone or abdomen); for a CT whose field of view cuts the lungs")
 
@@ -73,8 +75,8 @@ def postprocess_config(args: argparse.Namespace, base=None):
     from glance.postprocess import PostprocessConfig
 
     given = {k: v for k, v in threshold_arguments(args).items() if v is not None}
-    if getattr(args, "keep_outside_lungs", False):
-        given["require_lung_contact"] = False
+    if getattr(args, "keep_outside_lungs", None) is not None:
+        given["require_lung_contact"] = not args.keep_outside_lungs
     return replace(base or PostprocessConfig(), **given)
 
 
