@@ -93,6 +93,27 @@ def test_registered_versions_never_overwrite(cfg, tmp_path):
         resolve_model("nope")
 
 
+@pytest.mark.parametrize("failure", [GlanceError("no labelled validation case"), ImportError("mixed engine files")])
+def test_a_failed_calibration_leaves_the_registered_model_and_a_note(cfg, tmp_path, caplog, monkeypatch, failure):
+    """Before, anything but a GlanceError escaped as a traceback after the weights were saved."""
+    import glance_training.calibrate
+    from glance.model.weights import read_card
+    from glance_training.train import Trainer, register
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(glance_training.calibrate, "calibrate", fail)
+    trainer = Trainer(replace(cfg, epochs=1, calibrate=True), tmp_path / "run")
+    trainer.fit()
+    with caplog.at_level("WARNING", logger="glance_training.train"):
+        folder = register(trainer, tmp_path / "model")
+    card = read_card(folder)
+    assert str(failure) in card.metrics["calibration"] and "glance calibrate" in card.metrics["calibration"]
+    assert not card.thresholds and "thresholds not calibrated" in caplog.text
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+
+
 def test_a_volume_group_larger_than_the_cache_is_flagged(cfg, tmp_path, caplog):
     # Here the crops stand in for volumes (same patch size); with phantoms each reload costs seconds.
     from glance_training.train import Trainer

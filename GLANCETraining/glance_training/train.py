@@ -442,12 +442,28 @@ def register(trainer: Trainer, out: Path | None = None) -> Path:
 
 
 def _calibrate(folder: Path, cfg: TrainConfig) -> None:
+    """Calibrate the registered model's thresholds. The weights are already saved, so a failure here
+    (no labelled validation case, or anything unforeseen) must not throw away hours of training:
+    it becomes one warning and a note in the card, and the model runs at the built-in defaults
+    until ``glance calibrate --model FOLDER --write`` succeeds."""
     from glance_training.calibrate import CalibrationConfig, calibrate, write_to_card
 
     try:
         result = calibrate(CalibrationConfig(str(folder), list(cfg.data), device=cfg.device))
-    except GlanceError as exc:  # e.g. no labelled validation case: the model stays usable at the defaults
-        log.warning("%s: thresholds not calibrated (%s); the built-in defaults apply", folder, exc)
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, GlanceError) else f"{type(exc).__name__}: {exc}"
+        log.warning("%s: thresholds not calibrated (%s); the built-in defaults apply", folder, reason)
+        log.debug("calibration failed", exc_info=True)
+        _note_in_card(folder, "calibration", f"not calibrated: {reason}; run glance calibrate --model {folder} --write")
         return
     write_to_card(folder, result)
     log.info("calibrated thresholds: segmentation %.2f, detection %.2f", result.segmentation, result.detection)
+
+
+def _note_in_card(folder: Path, key: str, text: str) -> None:
+    from glance.io import atomic_write_text
+    from glance.model.weights import CARD_FILE, read_card
+
+    card = read_card(folder)
+    card.metrics = {**(card.metrics or {}), key: text}
+    atomic_write_text(Path(folder) / CARD_FILE, card.to_json())
