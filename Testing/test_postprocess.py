@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -181,9 +182,67 @@ def test_two_peaks_inside_one_nodule_stay_one():
     assert np.array_equal(det.labels == 1, sphere) and det.labels.max() == 1
     assert det.candidates[0].peak_index == (12, 20, 17)
     assert det.candidates[0].detection_score == pytest.approx(0.9, abs=1e-6)
-    # with a smaller merge factor the halves count as two nodules
-    two = find_nodules(prob, heat, spacing, replace(cfg, split_separation=0.9))
+    # with a smaller merge factor, and the neck test off, the halves count as two nodules
+    two = find_nodules(prob, heat, spacing, replace(cfg, split_separation=0.9, neck_ratio=math.inf))
     assert two.labels.max() == 2 and np.array_equal(two.labels > 0, sphere)
+
+
+CHAIN_PEAKS = ((9, 0.9), (21, 0.8))  # (slice, height): two chains 12 slices (12 mm) apart
+
+
+def _two_chain_heatmap(shape, spacing, grid):
+    """Heatmap peaks on slices 8-10 and 20-22 only, as on a large nodule whose middle slices carry
+    a weak heatmap: two chains in one component."""
+    heat = np.zeros(shape, np.float32)
+    for k, h in CHAIN_PEAKS:
+        heat[k - 1 : k + 2] = gaussian((k, 20, 20), h, 1.5, spacing, grid)[k - 1 : k + 2]
+    return heat
+
+
+def _z_long_nodule():
+    """An ellipsoid 26 mm long in k and 18 mm across: its halves' equivalent radii (8.1 mm) are
+    well under the 12 mm between the chains, so the distance rule alone splits it."""
+    shape, spacing = (30, 40, 40), (1.0, 1.0, 1.0)
+    grid = np.indices(shape, dtype=np.float32)
+    body = ((grid[0] - 15) / 13.0) ** 2 + ((grid[1] - 20) / 9.0) ** 2 + ((grid[2] - 20) / 9.0) ** 2 <= 1.0
+    return shape, spacing, grid, body
+
+
+def test_a_nodule_whose_heatmap_breaks_into_two_chains_is_one_nodule():
+    shape, spacing, grid, body = _z_long_nodule()
+    heat, cfg = _two_chain_heatmap(shape, spacing, grid), PostprocessConfig(nms_radius_mm=2.0)
+    det = find_nodules(body.astype(np.float32), heat, spacing, cfg)
+    assert det.labels.max() == 1 and np.array_equal(det.labels == 1, body)
+    assert det.candidates[0].peak_index == (9, 20, 20) and det.candidates[0].slices == (8, 10)
+    # without the neck test (the rule before it), the two halves were reported as two nodules
+    off = find_nodules(body.astype(np.float32), heat, spacing, replace(cfg, neck_ratio=math.inf))
+    assert off.labels.max() == 2 and np.array_equal(off.labels > 0, body)
+
+
+def test_a_nodule_with_a_hollow_core_between_its_chains_is_one_nodule():
+    # The network may leave a part-solid nodule's dense core unsegmented on its middle slices (it
+    # looks like a vessel in cross-section): the part left is a thick shell around a hole.
+    shape, spacing, grid, body = _z_long_nodule()
+    core = (np.abs(grid[0] - 15) <= 2) & (((grid[1] - 20) ** 2 + (grid[2] - 20) ** 2) <= 9.0)
+    det = find_nodules((body & ~core).astype(np.float32), _two_chain_heatmap(shape, spacing, grid), spacing,
+                       PostprocessConfig(nms_radius_mm=2.0))
+    assert det.labels.max() == 1 and np.array_equal(det.labels == 1, body & ~core)
+
+
+@pytest.mark.parametrize("distance, nodules", [(5.0, 1), (9.0, 2)])
+def test_two_overlapping_spheres_split_only_at_a_neck(distance, nodules):
+    # Radius 5 mm. Centres 9 mm apart meet at a neck of radius sqrt(25 - 4.5^2) = 2.2 mm, 0.45 x
+    # either part's equivalent radius (4.9 mm): two nodules. 5 mm apart the neck is 4.3 mm, 0.92 x
+    # the parts' 4.7 mm: one lobulated nodule, though the seeds are further apart than the
+    # distance rule (split_separation 0.5 x 4.7 mm) would merge.
+    shape, spacing = (24, 24, 40), (1.0, 1.0, 1.0)
+    grid = np.indices(shape, dtype=np.float32)
+    left, right = (12, 12, 20 - distance / 2), (12, 12, 20 + distance / 2)
+    union = ball(left, 5.0, spacing, grid) | ball(right, 5.0, spacing, grid)
+    heat = np.maximum(gaussian(left, 0.9, 1.0, spacing, grid), gaussian(right, 0.8, 1.0, spacing, grid))
+    cfg = PostprocessConfig(nms_radius_mm=2.0, split_separation=0.5)
+    det = find_nodules(union.astype(np.float32), heat, spacing, cfg)
+    assert det.labels.max() == nodules and np.array_equal(det.labels > 0, union)
 
 
 def test_one_heatmap_chain_over_two_components_gives_two_nodules():

@@ -23,8 +23,12 @@ The rules (DESIGN step 4):
    voxel goes to the seed minimising d^2 - r^2, r = the seed's depth inside the
    component, which cuts two touching spheres at their contact plane) and then
    merged back while two seeds are closer than ``split_separation`` x the larger
-   part's equivalent radius: two peaks inside one nodule stay one nodule, two
-   touching nodules become two.
+   part's equivalent radius, or while no neck parts them: the cut between their
+   parts is at least as wide (equivalent radius) as ``neck_ratio`` x the smaller
+   part's equivalent radius. Two peaks inside one nodule stay one nodule,
+   however far apart the heatmap put them (a large nodule whose middle slices
+   carry a weak heatmap gives two chains); two touching nodules, joined by a
+   neck, become two.
 6. Each nodule is clipped to a ball of ``max_diameter_mm`` around its seed (a
    nodule attached to a segmented vessel keeps the nodule, not the vessel tree),
    reduced to the connected piece holding its peak, and dropped if its
@@ -77,6 +81,10 @@ class PostprocessConfig:
     min_diameter_mm: float = 3.0  # equivalent-sphere diameter below which a nodule is dropped
     max_diameter_mm: float = 40.0  # nodules are clipped to a ball of this diameter
     split_separation: float = 1.0  # seeds closer than this x part radius are one nodule
+    # Seeds with no neck between them are one nodule: the cut between their parts is at least this
+    # x the smaller part's equivalent radius wide. Two spheres of radius r whose centres are d apart
+    # meet at a neck of about sqrt(1 - (d / 2r)^2) x r: 0.6 r at d = 1.6 r. inf turns the test off.
+    neck_ratio: float = 0.8
     max_nodules: int = 100
     max_candidates: int = 100  # FROC candidates per scan (LUNA16 protocol)
     froc_det_threshold: float = 0.05  # low threshold so FROC reaches high FP rates
@@ -399,10 +407,13 @@ def _split(comp_mask, origin, seeds: list[_Seed], spacing, cfg: PostprocessConfi
         d2 = ((coords_mm[:, None, :] - pos_mm[None, :, :]) ** 2).sum(axis=2)
         if len(seeds) > 1:
             radius = np.array([depth[tuple(s.peak - origin)] for s in seeds], dtype=np.float32)
-            owner = np.argmin(d2 - radius**2, axis=1)
+            power = d2 - radius**2
+            owner = np.argmin(power, axis=1)
         else:
             owner = np.zeros(len(coords), dtype=np.int64)
         pair = _closest_pair_to_merge(pos_mm, owner, voxel_mm3, cfg)
+        if pair is None and len(seeds) > 1:
+            pair = _pair_without_neck(power, pos_mm, owner, voxel_mm3, float(spacing_arr.max()), cfg)
         if pair is None:
             break
         seeds.pop(pair[1])  # the weaker seed; seeds are sorted by score
@@ -429,6 +440,33 @@ def _closest_pair_to_merge(pos_mm, owner, voxel_mm3, cfg) -> tuple[int, int] | N
             if d < cfg.split_separation * max(radius[a], radius[b]) and (best is None or d < best[0]):
                 best = (d, a, b)
     return None if best is None else (best[1], best[2])
+
+
+def _pair_without_neck(power, pos_mm, owner, voxel_mm3: float, slab_mm: float,
+                       cfg: PostprocessConfig) -> tuple[int, int] | None:
+    """A seed pair (a < b) that no neck parts: the cut between their parts (the power-diagram plane)
+    crosses the component over an area whose equivalent radius sqrt(area / pi) is at least
+    ``neck_ratio`` x the smaller part's equivalent radius. Touching nodules meet at a contact as thin
+    as their overlap; the halves of one nodule meet over its whole cross-section, even where the
+    network left its core hollow. The area is the voxels within ``slab_mm / 2`` of the plane, per mm
+    of slab. Seeds further apart than the clipping radius stay apart: one ball could not hold both."""
+    if not math.isfinite(cfg.neck_ratio):
+        return None
+    n = len(pos_mm)
+    counts = np.bincount(owner, minlength=n)
+    part_radius = np.cbrt(3.0 * counts * voxel_mm3 / (4.0 * math.pi))
+    for a in range(n):
+        for b in range(a + 1, n):
+            separation = float(np.linalg.norm(pos_mm[a] - pos_mm[b]))
+            if not 0.0 < separation <= cfg.max_diameter_mm / 2.0:
+                continue
+            pair = (owner == a) | (owner == b)
+            # power_a - power_b is linear in the position: / (2 x separation) makes it mm from the plane
+            from_plane = (power[pair, a] - power[pair, b]) / (2.0 * separation)
+            area_mm2 = np.count_nonzero(np.abs(from_plane) < slab_mm / 2.0) * voxel_mm3 / slab_mm
+            if math.sqrt(area_mm2 / math.pi) >= cfg.neck_ratio * min(part_radius[a], part_radius[b]):
+                return a, b
+    return None
 
 
 def _finish(part, origin, seed: _Seed, prob, spacing, cfg) -> _Nodule | None:
