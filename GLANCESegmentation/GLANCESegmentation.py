@@ -289,7 +289,7 @@ class GLANCESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def showResult(self):
         self.logic.showSurfaces(self._nodes, self.ui.showSurfacesCheckBox.checked)
         self.fillTable()
-        self.showStatus(_("{count} nodule(s) found.").format(count=len(self._rows)))
+        self.showStatus(self.logic.resultStatus(self._outDir, len(self._rows)))
         self.updateButtons()
 
     def fillTable(self):
@@ -476,6 +476,17 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
                                            reference_volume_node=volumeNode)
         GLANCESegmentationLogic.currentResult = nodes
         return nodes
+
+    @classmethod
+    def resultStatus(cls, outDir, count):
+        """The line under the table: the nodules found, and the findings held back as away from the
+        lungs, so that a reader whose CT cuts the lungs knows to look."""
+        text = _("{count} nodule(s) found.").format(count=count)
+        dropped = engine().report.dropped_outside_lungs(cls.resultFolder(outDir))
+        if dropped:
+            text += " " + _("{dropped} finding(s) away from the lungs not shown "
+                            "(Keep findings outside the lungs shows them).").format(dropped=dropped)
+        return text
 
     @classmethod
     def resultRows(cls, outDir):

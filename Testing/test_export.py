@@ -43,7 +43,7 @@ def reviewed(tmp_path_factory):
         i, j, k = (int(round(v)) for v in n.centre_ijk)
         heat[k, j, i] = 255
     options = SegmentOptions()
-    labels, nodules = analyse_maps(ct, prob, heat, options.postprocess)
+    labels, nodules, _ = analyse_maps(ct, prob, heat, options.postprocess)
     card = types.SimpleNamespace(name=MODEL[0], version=MODEL[1], weights_sha256="0" * 64, intended_use="test")
     report = base_report(ct, card, root / "model", options, "cpu")
     result = root / "result"

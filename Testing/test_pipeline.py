@@ -64,7 +64,7 @@ def _known_case(direction: np.ndarray):
 @pytest.mark.parametrize("name", sorted(DIRECTIONS))
 def test_nodules_are_reported_at_their_patient_position(name):
     ct, labels, prob, heat, centres = _known_case(DIRECTIONS[name])
-    found_labels, nodules = analyse_maps(ct, prob, heat, PostprocessConfig())
+    found_labels, nodules, _ = analyse_maps(ct, prob, heat, PostprocessConfig())
     assert len(nodules) == 2
     assert np.array_equal(found_labels > 0, labels > 0)  # back on the input grid, voxel for voxel
     # Stronger heatmap peak first: the big sphere is nodule 1.
@@ -80,7 +80,7 @@ def test_nodules_are_reported_at_their_patient_position(name):
 
 
 @pytest.mark.parametrize("name", sorted(DIRECTIONS))
-def test_a_finding_outside_the_lungs_is_not_reported(name):
+def test_a_finding_outside_the_lungs_is_not_reported(name, tmp_path):
     ct, labels, prob, heat, _ = _known_case(DIRECTIONS[name])
     # Soft tissue with an air-filled lung box around sphere 1 only (1.6 mm voxels: 54 ml of lung);
     # sphere 2 lies two slices beyond the box, in the "mediastinum".
@@ -88,10 +88,15 @@ def test_a_finding_outside_the_lungs_is_not_reported(name):
     hu[2:23, 2:27, 2:27] = -850
     hu[labels > 0] = 40
     chest = Volume(hu, (1.6, 1.6, 1.6), ct.origin, ct.direction)
-    found, nodules = analyse_maps(chest, prob, heat, PostprocessConfig())
-    assert len(nodules) == 1 and np.array_equal(found > 0, labels == 1)
-    _, both = analyse_maps(chest, prob, heat, PostprocessConfig(require_lung_contact=False))
-    assert len(both) == 2
+    found, nodules, outside = analyse_maps(chest, prob, heat, PostprocessConfig())
+    assert len(nodules) == 1 and np.array_equal(found > 0, labels == 1) and outside == 1
+    _, both, unchecked = analyse_maps(chest, prob, heat, PostprocessConfig(require_lung_contact=False))
+    assert len(both) == 2 and unchecked is None
+    # The report says how many findings the rule held back, so that a reader knows to look.
+    cfg = PostprocessConfig()
+    write_result(tmp_path, Analysis(chest, prob, heat, found, nodules, outside_lungs=outside),
+                 algorithm_info("m", "1", cfg), {"input": {"path": "x"}}, snapshots=False)
+    assert json.loads((tmp_path / "report.json").read_text())["n_dropped_outside_lungs"] == 1
 
 
 @pytest.mark.parametrize("name", ["flipped_i_k", "coronal"])
@@ -110,7 +115,7 @@ def test_canonical_volume_keeps_every_voxel_position(name):
 def test_result_folder_files(tmp_path):
     ct, labels, prob, heat, _ = _known_case(DIRECTIONS["flipped_i_k"])
     cfg = PostprocessConfig()
-    found, nodules = analyse_maps(ct, prob, heat, cfg)
+    found, nodules, _ = analyse_maps(ct, prob, heat, cfg)
     analysis = Analysis(ct, prob, heat, found, nodules, {"model": 1.0})
     report = {"input": {"path": "x"}}
     write_result(tmp_path, analysis, algorithm_info("m", "1", cfg), report)

@@ -343,9 +343,10 @@ def test_findings_away_from_the_lungs_are_dropped_and_the_rest_relabelled():
     assert lungs is not None
     det = find_nodules(prob, heat, SPACING, lungs=lungs)
     assert det.labels.max() == 1 and np.array_equal(det.labels == 1, truth["A"])
-    assert [c.peak_index for c in det.candidates] == [A_CENTRE]
+    assert [c.peak_index for c in det.candidates] == [A_CENTRE] and det.outside_lungs == 1
     assert [c.peak_index for c in candidates_for_froc(prob, heat, SPACING, lungs=lungs)] == [A_CENTRE]
-    assert find_nodules(prob, heat, SPACING).labels.max() == 2  # without the lungs both stay
+    unchecked = find_nodules(prob, heat, SPACING)  # without the lungs both stay, and none was dropped
+    assert unchecked.labels.max() == 2 and unchecked.outside_lungs is None
 
 
 def test_a_nodule_on_the_lung_wall_is_kept():

@@ -320,3 +320,22 @@ def test_training_module_shows_an_engine_failure_as_one_message(modules, monkeyp
 
     assert shown == [f"GLANCE training failed: {error}"] and widget.ui.statusLabel.text == shown[0]
     assert widget._job is None
+
+
+@pytest.mark.parametrize("report, expected", [
+    ('{"n_nodules": 1, "n_dropped_outside_lungs": 2}',
+     "1 nodule(s) found. 2 finding(s) away from the lungs not shown (Keep findings outside the lungs shows them)."),
+    ('{"n_nodules": 1, "n_dropped_outside_lungs": 0}', "1 nodule(s) found."),
+    ('{"n_nodules": 1, "n_dropped_outside_lungs": null}', "1 nodule(s) found."),  # the rule was off
+    ('{"n_nodules": 1}', "1 nodule(s) found."),  # a result from before the count
+    ("{not json", "1 nodule(s) found."),
+    (None, "1 nodule(s) found."),
+])
+def test_the_status_line_says_how_many_findings_away_from_the_lungs_are_not_shown(modules, tmp_path, report,
+                                                                                   expected):
+    logic = modules.GLANCESegmentation.GLANCESegmentationLogic()
+    folder = logic.resultFolder(tmp_path)
+    folder.mkdir()
+    if report is not None:
+        (folder / "report.json").write_text(report)
+    assert logic.resultStatus(tmp_path, 1) == expected

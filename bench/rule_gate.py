@@ -35,7 +35,7 @@ DATA = ROOT.parent / "shared" / "data"
 RULES = {"lungs": ("require_lung_contact", False, True), "neck": ("neck_ratio", math.inf, 0.8)}
 
 
-def count(loaded, labels, nodules) -> dict:
+def count(loaded, labels, nodules, _outside_lungs=None) -> dict:
     """Reported nodules, reference nodules, found, false positives (``glance evaluate``'s matching),
     and the sum of the reference nodules' Dice (``glance evaluate``'s per-nodule scoring)."""
     from glance_training.evaluate import reference_findings, reported_outcome

@@ -24,6 +24,7 @@ from glance.infer import CancelFn, InferenceOptions, ProgressFn
 from glance.nodule import Nodule
 from glance.postprocess import PostprocessConfig
 from glance.preprocess import FIND_LUNGS
+from glance.report import REPORT_FILE  # noqa: F401  (re-exported: where callers have found it)
 from glance.volume import Volume
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 MAPS_DIR = "maps"
 PROB_FILE = "nodule_probability.nrrd"
 HEAT_FILE = "centre_heatmap.nrrd"
-REPORT_FILE = "report.json"
 SEG_DICOM_FILE = "nodules_seg.dcm"
 EXAMPLE_CT_FILE = "example_ct.nrrd"
 
@@ -65,6 +65,7 @@ class Analysis:
     nodules: list[Nodule]
     seconds: dict[str, float] = field(default_factory=dict)
     crop: dict | None = None
+    outside_lungs: int | None = None  # findings post-processing rule 8 dropped; None: the rule was off
 
 
 @contextmanager
@@ -122,8 +123,9 @@ def with_model_thresholds(options: SegmentOptions, card) -> SegmentOptions:
 
 
 def analyse_maps(ct: Volume, prob: np.ndarray, heatmap: np.ndarray, cfg: PostprocessConfig,
-                 seconds: dict[str, float] | None = None) -> tuple[np.ndarray, list[Nodule]]:
-    """Steps 4-5 on saved maps (input grid): instance labels and measured nodules.
+                 seconds: dict[str, float] | None = None) -> tuple[np.ndarray, list[Nodule], int | None]:
+    """Steps 4-5 on saved maps (input grid): instance labels, measured nodules, and the number of
+    findings rule 8 dropped as away from the lungs (None when it was off).
     This is all that re-thresholding needs: no network."""
     from glance.measure import measure_nodules
 
@@ -136,7 +138,7 @@ def analyse_maps(ct: Volume, prob: np.ndarray, heatmap: np.ndarray, cfg: Postpro
     for nodule in nodules:
         box = boxes[nodule.label - 1]
         nodule.bbox = tuple(int(b.start) for b in box) + tuple(int(b.stop) for b in box)
-    return labels, [_on_input_grid(n, ct) for n in nodules]
+    return labels, [_on_input_grid(n, ct) for n in nodules], detections.outside_lungs
 
 
 def nodule_labels(ct: Volume, prob: np.ndarray, heatmap: np.ndarray, cfg: PostprocessConfig,
@@ -196,8 +198,8 @@ def segment_volume(ct: Volume, network, options: SegmentOptions, progress: Progr
     """Steps 2-5 on a CT already in memory."""
     options = with_model_thresholds(options, network[1])
     prob, heat, seconds, crop = predict_maps(ct, network, options.inference, progress, cancel)
-    labels, nodules = analyse_maps(ct, prob, heat, options.postprocess, seconds)
-    return Analysis(ct, prob, heat, labels, nodules, seconds, crop)
+    labels, nodules, outside_lungs = analyse_maps(ct, prob, heat, options.postprocess, seconds)
+    return Analysis(ct, prob, heat, labels, nodules, seconds, crop, outside_lungs)
 
 
 def predict_maps(ct: Volume, network, inference: InferenceOptions, progress: ProgressFn | None = None,
@@ -255,6 +257,7 @@ def write_result(folder: Path, analysis: Analysis, algorithm, report: dict, snap
     report.update({
         "nodules": [n.to_dict() for n in a.nodules],
         "n_nodules": len(a.nodules),
+        "n_dropped_outside_lungs": a.outside_lungs,
         "dicom_seg": seg_path.name if seg_path else None,
     })
     report.setdefault("seconds", {}).update({k: round(v, 3) for k, v in {**a.seconds, **seconds}.items()})

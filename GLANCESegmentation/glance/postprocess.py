@@ -109,6 +109,7 @@ class Candidate:
 class Detections:
     labels: np.ndarray  # uint16 instance map on the input grid, 0 = background
     candidates: list[Candidate] = field(default_factory=list)
+    outside_lungs: int | None = None  # findings rule 8 dropped; None when the rule did not run
 
     def by_label(self, label: int) -> Candidate:
         for c in self.candidates:
@@ -163,7 +164,8 @@ def find_nodules(
     """Nodules from the network maps: a uint16 instance map and one Candidate per label.
     ``lungs``: the CT's ``LungMap`` for rule 8, or None to skip it."""
     cfg = cfg or PostprocessConfig()
-    nodules = _nodules(prob, heatmap, spacing, cfg, lungs)[: cfg.max_nodules]
+    nodules, outside_lungs = _nodules(prob, heatmap, spacing, cfg, lungs)
+    nodules = nodules[: cfg.max_nodules]
     labels = np.zeros(prob.shape, dtype=np.uint16)
     candidates = []
     for label, nod in enumerate(nodules, start=1):
@@ -171,7 +173,7 @@ def find_nodules(
         labels[k0:k1, j0:j1, i0:i1][nod.mask] = label
         candidates.append(_candidate(label, nod))
     log.info("post-process: %d nodules", len(candidates))
-    return Detections(labels, candidates)
+    return Detections(labels, candidates, outside_lungs)
 
 
 def candidates_for_froc(
@@ -186,7 +188,7 @@ def candidates_for_froc(
     per scan, at most ``max_candidates``, best first. ``label`` is the rank."""
     cfg = cfg or PostprocessConfig()
     low = replace(cfg, det_threshold=min(cfg.det_threshold, cfg.froc_det_threshold))
-    nodules = _nodules(prob, heatmap, spacing, low, lungs)[: cfg.max_candidates]
+    nodules = _nodules(prob, heatmap, spacing, low, lungs)[0][: cfg.max_candidates]
     return [_candidate(rank, nod) for rank, nod in enumerate(nodules, start=1)]
 
 
@@ -303,16 +305,18 @@ def _seeds_per_component(
 # --------------------------------------------------------------------------- segmentation
 
 
-def _nodules(prob, heatmap, spacing, cfg: PostprocessConfig, lungs: LungMap | None = None) -> list[_Nodule]:
-    """All nodules passing every rule, best first."""
+def _nodules(prob, heatmap, spacing, cfg: PostprocessConfig,
+             lungs: LungMap | None = None) -> tuple[list[_Nodule], int | None]:
+    """All nodules passing every rule, best first, and how many rule 8 dropped (None: not run)."""
     _check_maps(prob, heatmap, spacing)
     spacing = tuple(float(s) for s in spacing)
+    none_dropped = None if lungs is None else 0
     peaks = _find_peaks(heatmap, spacing, cfg)
     if len(peaks.value) == 0:
-        return []
+        return [], none_dropped
     components, offset, comp_of_peak = _components_at_peaks(prob, peaks, cfg)
     if components is None:
-        return []
+        return [], none_dropped
     seeds = _seeds_per_component(peaks, _chain_peaks(peaks, spacing, cfg), comp_of_peak)
 
     objects = ndimage.find_objects(components)
@@ -325,13 +329,15 @@ def _nodules(prob, heatmap, spacing, cfg: PostprocessConfig, lungs: LungMap | No
             nod = _finish(part, origin, seed, prob, spacing, cfg)
             if nod is not None:
                 nodules.append(nod)
+    outside = none_dropped
     if lungs is not None:
         inside = [n for n in nodules if lungs.touches(n.origin, n.mask)]
-        if len(inside) < len(nodules):
-            log.info("post-process: %d findings away from the lungs dropped", len(nodules) - len(inside))
+        outside = len(nodules) - len(inside)
+        if outside:
+            log.info("post-process: %d findings away from the lungs dropped", outside)
         nodules = inside
     nodules.sort(key=lambda n: (-n.confidence, tuple(n.seed.peak)))
-    return nodules
+    return nodules, outside
 
 
 def _components_at_peaks(prob, peaks: _Peaks, cfg: PostprocessConfig):

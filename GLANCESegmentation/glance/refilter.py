@@ -58,8 +58,8 @@ def refilter(folder: Path, report: dict, cfg: PostprocessConfig, requested: froz
     prob = _read_map(folder / MAPS_DIR / PROB_FILE, ct)
     heat = _read_map(folder / MAPS_DIR / HEAT_FILE, ct)
     seconds: dict[str, float] = {}
-    labels, nodules = analyse_maps(ct, prob, heat, cfg, seconds)
-    analysis = Analysis(ct, prob, heat, labels, nodules, seconds)
+    labels, nodules, outside_lungs = analyse_maps(ct, prob, heat, cfg, seconds)
+    analysis = Analysis(ct, prob, heat, labels, nodules, seconds, outside_lungs=outside_lungs)
     model = report.get("model", {})
     before = (report.get("thresholds") or {}).get("source") or {}
     sources = {key: "requested" if key in requested else before.get(key, "unknown")

@@ -26,6 +26,8 @@ from glance.volume import Volume
 
 log = logging.getLogger(__name__)
 
+REPORT_FILE = "report.json"
+
 # Column order of nodules.csv and of the Slicer measurement table (glance.scene).
 CSV_COLUMNS = (
     "label",
@@ -141,6 +143,17 @@ def write_report_json(path: Path, payload: dict) -> Path:
     """Write ``report.json`` (indented, UTF-8) atomically."""
     atomic_write_text(path, json.dumps(payload, indent=2, default=_json_default) + "\n")
     return Path(path)
+
+
+def dropped_outside_lungs(result_folder: Path) -> int | None:
+    """How many findings post-processing rule 8 held back as away from the lungs in a result folder
+    (its ``report.json``); None when the rule was off, or the report predates the count or is unreadable."""
+    try:
+        report = json.loads((Path(result_folder) / REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = report.get("n_dropped_outside_lungs") if isinstance(report, dict) else None
+    return value if isinstance(value, int) else None
 
 
 # ---------------------------------------------------------------- snapshots

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from glance.cli.segment import add_lung_argument, add_threshold_arguments, postprocess_config, threshold_arguments
+from glance.cli.segment import (add_lung_argument, add_threshold_arguments, postprocess_config, print_outside_lungs,
+                                threshold_arguments)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,4 +39,5 @@ def run(args: argparse.Namespace) -> int:
     n = len(analysis.nodules)
     print(f"{n} nodule{'s' if n != 1 else ''} at segmentation threshold {cfg.seg_threshold}, "
           f"detection threshold {cfg.det_threshold}; results in {folder}")
+    print_outside_lungs(analysis.outside_lungs)
     return 0

@@ -157,9 +157,16 @@ def _example():
     return phantom.ct, extra
 
 
+def print_outside_lungs(dropped: int | None) -> None:
+    """Say how many findings rule 8 held back, so that a CT whose field of view cuts the lungs is noticed."""
+    if dropped:
+        print(f"{dropped} finding(s) away from the lungs not reported (--keep-outside-lungs reports them)")
+
+
 def _summary(analysis, report: dict, out: Path) -> None:
     n = len(analysis.nodules)
     print(f"{n} nodule{'s' if n != 1 else ''} found; results in {out}")
+    print_outside_lungs(analysis.outside_lungs)
     for nod in analysis.nodules:
         l, p, s = nod.centre_lps
         print(f"  {nod.name}: {nod.long_axis_mm:.1f} x {nod.short_axis_mm:.1f} mm, {nod.volume_mm3:.0f} mm3, "
