@@ -413,13 +413,12 @@ def _split(comp_mask, origin, seeds: list[_Seed], spacing, cfg: PostprocessConfi
         d2 = ((coords_mm[:, None, :] - pos_mm[None, :, :]) ** 2).sum(axis=2)
         if len(seeds) > 1:
             radius = np.array([depth[tuple(s.peak - origin)] for s in seeds], dtype=np.float32)
-            power = d2 - radius**2
-            owner = np.argmin(power, axis=1)
+            owner = np.argmin(d2 - radius**2, axis=1)
         else:
             owner = np.zeros(len(coords), dtype=np.int64)
         pair = _closest_pair_to_merge(pos_mm, owner, voxel_mm3, cfg)
         if pair is None and len(seeds) > 1:
-            pair = _pair_without_neck(power, pos_mm, owner, voxel_mm3, float(spacing_arr.max()), cfg)
+            pair = _pair_without_neck(comp_mask.shape, coords, owner, pos_mm, spacing, cfg)
         if pair is None:
             break
         seeds.pop(pair[1])  # the weaker seed; seeds are sorted by score
@@ -448,31 +447,51 @@ def _closest_pair_to_merge(pos_mm, owner, voxel_mm3, cfg) -> tuple[int, int] | N
     return None if best is None else (best[1], best[2])
 
 
-def _pair_without_neck(power, pos_mm, owner, voxel_mm3: float, slab_mm: float,
-                       cfg: PostprocessConfig) -> tuple[int, int] | None:
-    """A seed pair (a < b) that no neck parts: the cut between their parts (the power-diagram plane)
-    crosses the component over an area whose equivalent radius sqrt(area / pi) is at least
+def _pair_without_neck(comp_shape, coords, owner, pos_mm, spacing, cfg: PostprocessConfig) -> tuple[int, int] | None:
+    """A seed pair (a < b) that no neck parts: the cut between their parts (a plane of the power
+    diagram) crosses the component over an area whose equivalent radius sqrt(area / pi) is at least
     ``neck_ratio`` x the smaller part's equivalent radius. Touching nodules meet at a contact as thin
     as their overlap; the halves of one nodule meet over its whole cross-section, even where the
-    network left its core hollow. The area is the voxels within ``slab_mm / 2`` of the plane, per mm
-    of slab. Seeds further apart than the clipping radius stay apart: one ball could not hold both."""
+    network left its core hollow. Seeds further apart than the clipping radius stay apart: one ball
+    could not hold both."""
     if not math.isfinite(cfg.neck_ratio):
         return None
     n = len(pos_mm)
     counts = np.bincount(owner, minlength=n)
-    part_radius = np.cbrt(3.0 * counts * voxel_mm3 / (4.0 * math.pi))
-    for a in range(n):
-        for b in range(a + 1, n):
-            separation = float(np.linalg.norm(pos_mm[a] - pos_mm[b]))
-            if not 0.0 < separation <= cfg.max_diameter_mm / 2.0:
-                continue
-            pair = (owner == a) | (owner == b)
-            # power_a - power_b is linear in the position: / (2 x separation) makes it mm from the plane
-            from_plane = (power[pair, a] - power[pair, b]) / (2.0 * separation)
-            area_mm2 = np.count_nonzero(np.abs(from_plane) < slab_mm / 2.0) * voxel_mm3 / slab_mm
-            if math.sqrt(area_mm2 / math.pi) >= cfg.neck_ratio * min(part_radius[a], part_radius[b]):
-                return a, b
+    part_radius = np.cbrt(3.0 * counts * float(np.prod(spacing)) / (4.0 * math.pi))
+    for (a, b), area_mm2 in sorted(_cut_areas(comp_shape, coords, owner, pos_mm, spacing).items()):
+        separation = float(np.linalg.norm(pos_mm[a] - pos_mm[b]))
+        if separation > cfg.max_diameter_mm / 2.0:
+            continue
+        if math.sqrt(area_mm2 / math.pi) >= cfg.neck_ratio * min(part_radius[a], part_radius[b]):
+            return a, b
     return None
+
+
+def _cut_areas(comp_shape, coords, owner, pos_mm, spacing) -> dict[tuple[int, int], float]:
+    """Area (mm^2) of the cut between each pair of touching parts. The cut is a plane with normal u
+    along the seeds' offset; a plane of area A is crossed by A |u_a| / (face area across axis a)
+    of the voxel-centre lines along axis a, so counting the neighbours of different parts along
+    each axis gives A = sum_a crossings_a x face_a x |u_a| without a staircase bias."""
+    owner_map = np.full(comp_shape, -1, dtype=np.int32)
+    owner_map[tuple(coords.T)] = owner
+    n = len(pos_mm)
+    crossings: dict[tuple[int, int], np.ndarray] = {}
+    for axis in range(3):
+        lo = owner_map[tuple(slice(0, -1) if ax == axis else slice(None) for ax in range(3))]
+        hi = owner_map[tuple(slice(1, None) if ax == axis else slice(None) for ax in range(3))]
+        cut = (lo != hi) & (lo >= 0) & (hi >= 0)
+        a, b = np.minimum(lo[cut], hi[cut]), np.maximum(lo[cut], hi[cut])
+        pairs, hits = np.unique(a.astype(np.int64) * n + b, return_counts=True)
+        for code, hit in zip(pairs.tolist(), hits.tolist()):
+            crossings.setdefault(divmod(code, n), np.zeros(3))[axis] = hit
+    face = np.array([spacing[1] * spacing[2], spacing[0] * spacing[2], spacing[0] * spacing[1]])
+    areas = {}
+    for (a, b), hit in crossings.items():
+        offset = np.asarray(pos_mm[a], dtype=np.float64) - pos_mm[b]
+        unit = np.abs(offset) / max(float(np.linalg.norm(offset)), 1e-9)
+        areas[(a, b)] = float((hit * face * unit).sum())
+    return areas
 
 
 def _finish(part, origin, seed: _Seed, prob, spacing, cfg) -> _Nodule | None:
