@@ -114,7 +114,7 @@ def write_luna(root: Path) -> None:
     (root / "annotations_excluded.csv").write_text(header + f"{UID},{','.join(map(repr, world(EXCLUDED)))},-1\n")
 
 
-def oracle_segment_volume(ct, network, options):
+def oracle_segment_volume(ct, network, options, lungs=None):
     """Maps a perfect network would give: a 6 mm ball of p = 1 around each finding and a
     symmetric heatmap peak on its voxel (the candidate lands exactly on the voxel centre)."""
     from glance.pipeline import Analysis
@@ -131,13 +131,23 @@ def oracle_segment_volume(ct, network, options):
 
 def test_glance_evaluate_writes_the_luna16_candidates_file(tmp_path, monkeypatch):
     import glance.pipeline
+    import glance.preprocess
     from glance.model.card import ModelCard
     from glance_training.evaluate import EvaluateConfig, evaluate
 
     write_luna(tmp_path / "LUNA16")
     card = ModelCard("oracle", "1.0.0", config={})
     monkeypatch.setattr(glance.pipeline, "load_network", lambda options: (None, card, None))
-    monkeypatch.setattr(glance.pipeline, "segment_volume", oracle_segment_volume)
+    given_lungs = []
+
+    def oracle(ct, network, options, lungs=glance.pipeline.FIND_LUNGS):
+        given_lungs.append(lungs)
+        return oracle_segment_volume(ct, network, options)
+
+    monkeypatch.setattr(glance.pipeline, "segment_volume", oracle)
+    found = []
+    real_lung_map = glance.preprocess.lung_map
+    monkeypatch.setattr(glance.preprocess, "lung_map", lambda *a, **k: found.append(1) or real_lung_map(*a, **k))
     out = tmp_path / "eval"
     # The subset alone: annotations.csv and annotations_excluded.csv are found beside it.
     report = evaluate(EvaluateConfig(data=[f"luna:{tmp_path / 'LUNA16' / 'subset4'}"], split="all",
@@ -154,6 +164,8 @@ def test_glance_evaluate_writes_the_luna16_candidates_file(tmp_path, monkeypatch
     annotated = (tmp_path / "LUNA16" / "annotations.csv").read_text().splitlines()[1].split(",")[1:4]
     assert rows[1][1:4] == annotated  # the very text of annotations.csv
     assert (out / "seriesuids.csv").read_text() == f"{UID}\n"
+    # The scan's lungs are found once and shared by the reported nodules and the FROC candidates.
+    assert len(found) == 1 and len(given_lungs) == 1 and given_lungs[0] != glance.pipeline.FIND_LUNGS
 
     # The file's scores are the FROC's own: its thresholds are the probabilities written.
     detection = json.loads((out / "evaluation.json").read_text())["detection"]
@@ -173,7 +185,7 @@ def test_glance_evaluate_counts_what_a_reader_sees_at_the_default_thresholds(tmp
     from glance.model.card import ModelCard
     from glance_training.evaluate import EvaluateConfig, evaluate
 
-    def reporting(ct, network, options):
+    def reporting(ct, network, options, lungs=None):
         analysis = oracle_segment_volume(ct, network, options)
         analysis.nodules = [SimpleNamespace(centre_lps=world(v), confidence=c)
                             for v, c in ((FALSE_POSITIVE, 0.9), (NODULE, 0.8), (EXCLUDED, 0.7), ((40, 40, 20), 0.6),

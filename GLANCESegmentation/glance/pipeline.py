@@ -123,15 +123,17 @@ def with_model_thresholds(options: SegmentOptions, card) -> SegmentOptions:
 
 
 def analyse_maps(ct: Volume, prob: np.ndarray, heatmap: np.ndarray, cfg: PostprocessConfig,
-                 seconds: dict[str, float] | None = None) -> tuple[np.ndarray, list[Nodule], int | None]:
+                 seconds: dict[str, float] | None = None,
+                 lungs: LungMap | None | str = FIND_LUNGS) -> tuple[np.ndarray, list[Nodule], int | None]:
     """Steps 4-5 on saved maps (input grid): instance labels, measured nodules, and the number of
     findings rule 8 dropped as away from the lungs (None when it was off).
-    This is all that re-thresholding needs: no network."""
+    This is all that re-thresholding needs: no network. ``lungs``: the CT's lungs from ``ct_lungs``
+    when the caller already has them."""
     from glance.measure import measure_nodules
 
     seconds = {} if seconds is None else seconds
     with _timed(seconds, "postprocess"):
-        canon, grid, detections = _detect(ct, prob, heatmap, cfg)
+        canon, grid, detections = _detect(ct, prob, heatmap, cfg, lungs)
         nodules = measure_nodules(detections.labels, canon, detections)
         labels = np.ascontiguousarray(grid.to_original(detections.labels))
     boxes = ndimage.find_objects(labels)
@@ -194,11 +196,11 @@ def _on_input_grid(nodule: Nodule, ct: Volume) -> Nodule:
 
 
 def segment_volume(ct: Volume, network, options: SegmentOptions, progress: ProgressFn | None = None,
-                   cancel: CancelFn | None = None) -> Analysis:
-    """Steps 2-5 on a CT already in memory."""
+                   cancel: CancelFn | None = None, lungs: LungMap | None | str = FIND_LUNGS) -> Analysis:
+    """Steps 2-5 on a CT already in memory (``lungs``: as for ``analyse_maps``)."""
     options = with_model_thresholds(options, network[1])
     prob, heat, seconds, crop = predict_maps(ct, network, options.inference, progress, cancel)
-    labels, nodules, outside_lungs = analyse_maps(ct, prob, heat, options.postprocess, seconds)
+    labels, nodules, outside_lungs = analyse_maps(ct, prob, heat, options.postprocess, seconds, lungs)
     return Analysis(ct, prob, heat, labels, nodules, seconds, crop, outside_lungs)
 
 

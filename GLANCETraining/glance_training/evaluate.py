@@ -181,7 +181,7 @@ def _breakdown(rows: list[dict], key, order=None) -> dict[str, dict]:
 
 def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     from glance.infer import InferenceOptions
-    from glance.pipeline import SegmentOptions, load_network, segment_volume
+    from glance.pipeline import SegmentOptions, ct_lungs, load_network, segment_volume
     from glance.pipeline import with_model_thresholds
     from glance_training.froc import Candidate
 
@@ -210,9 +210,11 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
                 _score(got, loaded.case_id, spec.kind, _crop_prediction(loaded, network, options),
                        loaded.labels, spacing_kji, loaded.nodules)
             else:
-                analysis = segment_volume(loaded.ct, network, options)
+                lungs = ct_lungs(loaded.ct) if options.postprocess.require_lung_contact else None
+                analysis = segment_volume(loaded.ct, network, options, lungs=lungs)
                 _score(got, loaded.case_id, spec.kind, analysis.labels, loaded.labels, spacing_kji, loaded.nodules)
-                cands, refs, excl = froc_inputs(loaded, analysis.prob, analysis.heatmap, options.postprocess)
+                cands, refs, excl = froc_inputs(loaded, analysis.prob, analysis.heatmap, options.postprocess,
+                                                lungs=lungs)
                 got.scans.append(loaded.case_id)
                 got.seriesuids[loaded.case_id] = case.metadata.get("seriesuid", loaded.case_id)
                 got.candidates[loaded.case_id], got.references[loaded.case_id] = cands, refs
