@@ -427,6 +427,40 @@ def test_interior_outline_drops_the_drawn_contour_pixels_and_keeps_the_split(tmp
     np.testing.assert_array_equal(spec[0].load().labels, expected)
 
 
+def test_case_weights_divide_a_sources_share_among_its_cases(tmp_path):
+    from glance.errors import GlanceError
+    from glance_training.data import DataSpec, load_source
+    from glance_training.datasets import SliceDataset, SliceSamplingConfig
+
+    masks = []
+    for n in range(3):
+        m = np.zeros((71, 71), np.uint8)
+        m[30:37, 20 + n : 27 + n] = 1
+        masks.append(m)
+    folder = _write_maxslice(tmp_path, masks)
+    ids = [c.case_id for c in maxslice_crop_cases(folder)]
+    weights = tmp_path / "weights.csv"
+    weights.write_text(f"case_id,weight\n{ids[0]},4\n{ids[1]},0.5\n")  # the third is unlisted: 1
+    crops = load_source(DataSpec.parse(f"maxslice:{folder},outline=interior,case_weights={weights}"), seed=0)
+    assert [c.sampling_weight for c in crops] == [4.0, 0.5, 1.0]
+    np.testing.assert_array_equal(crops[0].load().labels.sum(), 25)  # the other options still apply
+    plain = maxslice_crop_cases(folder)
+    # Source shares 2 : 1; within the weighted source 4 : 0.5 : 1 of its 2/3.
+    data = SliceDataset([crops, plain], SliceSamplingConfig(), [2.0, 1.0])
+    np.testing.assert_allclose(data._p_case, [2 / 3 * 4 / 5.5, 2 / 3 * 0.5 / 5.5, 2 / 3 * 1 / 5.5, 1 / 9, 1 / 9, 1 / 9])
+    np.testing.assert_allclose(SliceDataset(crops, SliceSamplingConfig())._p_case, [4 / 5.5, 0.5 / 5.5, 1 / 5.5])
+
+    for text, message in (("case_id,weight\nnobody,2\n", "1 case\\(s\\) not in this source, e.g. 'nobody'"),
+                          (f"case_id,weight\n{ids[0]},0\n", "line 2: weight 0 must be positive"),
+                          (f"case,weight\n{ids[0]},2\n", "line 2: expected columns case_id,weight"),
+                          (f"case_id,weight\n{ids[0]},heavy\n", "line 2: expected columns case_id,weight")):
+        weights.write_text(text)
+        with pytest.raises(GlanceError, match=message):
+            load_source(DataSpec.parse(f"maxslice:{folder},case_weights={weights}"), seed=0)
+    with pytest.raises(GlanceError, match="case_weights=.*: no such file"):
+        load_source(DataSpec.parse(f"maxslice:{folder},case_weights={tmp_path / 'none.csv'}"), seed=0)
+
+
 # --- patient-level splits -----------------------------------------------------------------------
 
 

@@ -181,9 +181,9 @@ def test_spec_grammar(text, kind, arg, weight, options):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("luna:/L,annotation=/a.csv", r"unknown option 'annotation' \(luna options: annotations, excluded\)"),
-    ("tianchi:/T,excluded=/e.csv", r"unknown option 'excluded' \(tianchi options: annotations\)"),
-    ("lidc:/D,annotations=/a.csv", r"unknown option 'annotations' \(lidc takes no options\)"),
+    ("luna:/L,annotation=/a.csv", r"unknown option 'annotation' \(luna options: annotations, excluded, case_weights\)"),
+    ("tianchi:/T,excluded=/e.csv", r"unknown option 'excluded' \(tianchi options: annotations, case_weights\)"),
+    ("lidc:/D,annotations=/a.csv", r"unknown option 'annotations' \(lidc options: case_weights\)"),
     ("luna:/L,annotations=/a.csv,annotations=/b.csv", r"option 'annotations' given twice"),
     ("luna:/L,annotations=", r"option 'annotations' needs a value"),
     ("luna:,annotations=/a.csv", r"expected KIND:PATH"),
@@ -191,7 +191,7 @@ def test_spec_grammar(text, kind, arg, weight, options):
     ("phantom:8@0", r"a weight must be positive"),
     ("maxslice:/C@0.0", r"a weight must be positive"),
     ("maxslice:/C,outline=inner", r"outline=inner: expected one of drawn, interior"),
-    ("crops3d:/C,outline=interior", r"unknown option 'outline' \(crops3d takes no options\)"),
+    ("crops3d:/C,outline=interior", r"unknown option 'outline' \(crops3d options: case_weights\)"),
     ("/data/LUNA16", r"expected KIND:PATH"),
 ])
 def test_bad_specs_are_one_line_errors(text, message):

@@ -16,6 +16,11 @@ A spec is ``KIND:ARG[,NAME=VALUE ...][@WEIGHT]``:
     lndb:DIR
     phantom:N        N synthetic chest CTs generated on the fly (seeded by the run's seed)
 
+Every kind also takes ``case_weights=CSV``: a file with the columns ``case_id,weight`` (weight > 0)
+giving some cases of the source a larger or smaller chance of being drawn, within the source's own
+share; unlisted cases weigh 1. ``bench/hard_case_weights.py`` writes one from a ``glance evaluate``
+of the training split (hard-example sampling: the cases the model outlines worst drawn most).
+
 Grammar, so that any path works (Windows drive letters, '@' and ',' in folder names):
 
 * ``KIND`` is the text before the first ``:``; everything after it is ARG, options and weight.
@@ -93,7 +98,7 @@ class DataSpec:
 
 
 def _parse_options(text: str, kind: str, pairs: list[str]) -> dict[str, str]:
-    allowed = _OPTIONS.get(kind, ())
+    allowed = (*_OPTIONS.get(kind, ()), *_COMMON_OPTIONS)
     known = f"{kind} options: {', '.join(allowed)}" if allowed else f"{kind} takes no options"
     options: dict[str, str] = {}
     for pair in pairs:
@@ -135,7 +140,8 @@ _LOADERS = {
     "phantom": lambda arg, seed, opts: _phantoms(arg, seed),
 }
 _OPTIONS = {"luna": ("annotations", "excluded"), "tianchi": ("annotations",), "maxslice": ("outline",)}
-_PATH_OPTIONS = {"annotations", "excluded"}  # options naming a file, checked before loading
+_COMMON_OPTIONS = ("case_weights",)  # options of every kind, applied to the loaded cases
+_PATH_OPTIONS = {"annotations", "excluded", "case_weights"}  # options naming a file, checked before loading
 _CHOICES = {"outline": OUTLINES}
 
 
@@ -146,7 +152,39 @@ def load_source(spec: DataSpec, seed: int) -> CaseList:
     for name, value in spec.options.items():
         if name in _PATH_OPTIONS and not Path(value).is_file():
             raise GlanceError(f"--data {spec}: {name}={value}: no such file")
-    return _LOADERS[spec.kind](spec.arg, seed, spec.options)
+    own = {k: v for k, v in spec.options.items() if k not in _COMMON_OPTIONS}
+    source = _LOADERS[spec.kind](spec.arg, seed, own)
+    if "case_weights" in spec.options:
+        source = with_case_weights(source, Path(spec.options["case_weights"]), str(spec))
+    return source
+
+
+def with_case_weights(source: CaseList, path: Path, where: str) -> CaseList:
+    """``source`` with each listed case's ``sampling_weight`` from ``path`` (columns case_id, weight)."""
+    import csv
+    import math
+
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise GlanceError(f"--data {where}: case_weights: cannot read {path} ({exc})") from None
+    weights: dict[str, float] = {}
+    for n, row in enumerate(rows, start=2):
+        try:
+            case_id, weight = row["case_id"], float(row["weight"])
+        except (KeyError, TypeError, ValueError):
+            raise GlanceError(f"--data {where}: {path} line {n}: expected columns case_id,weight "
+                              "with a number") from None
+        if not (math.isfinite(weight) and weight > 0):
+            raise GlanceError(f"--data {where}: {path} line {n}: weight {row['weight']} must be positive")
+        weights[case_id] = weight
+    unknown = sorted(set(weights) - {c.case_id for c in source})
+    if unknown:
+        raise GlanceError(f"--data {where}: {path}: {len(unknown)} case(s) not in this source, "
+                          f"e.g. {unknown[0]!r}")
+    return CaseList(source.name, [replace(c, sampling_weight=weights.get(c.case_id, c.sampling_weight))
+                                  for c in source])
 
 
 @dataclass

@@ -82,6 +82,7 @@ class Case:
     labels: np.ndarray | LabelsLoader | None = None
     nodules: Sequence[Annotation] | NodulesLoader = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    sampling_weight: float = 1.0  # relative chance of being drawn within its source (data spec case_weights)
 
     def load(self) -> LoadedCase:
         ct = self.ct() if callable(self.ct) else self.ct

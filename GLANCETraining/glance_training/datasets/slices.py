@@ -135,13 +135,15 @@ class SliceDataset(torch.utils.data.Dataset):
         self.cases: list[Case] = [c for s in sources for c in s]
         if not self.cases:
             raise ValueError("no cases to sample from")
-        # Default: every case equally likely; weights make each source's share explicit.
+        # Default: every case as likely as its sampling_weight says (1: equally); source weights make
+        # each source's share explicit, the cases' weights only dividing it among them.
+        relative = [np.array([c.sampling_weight for c in s], dtype=np.float64) for s in sources]
         if source_weights is None:
-            weights = np.ones(len(self.cases))
+            weights = np.concatenate(relative)
         else:
             if len(source_weights) != len(sources):
                 raise ValueError(f"{len(source_weights)} weights for {len(sources)} sources")
-            weights = np.concatenate([np.full(len(s), w / max(len(s), 1)) for s, w in zip(sources, source_weights)])
+            weights = np.concatenate([w * r / r.sum() for r, w in zip(relative, source_weights) if len(r)])
         self._p_case = weights / weights.sum()
         self.epoch = 0
         self._cache: OrderedDict[int, _Prepared] = OrderedDict()
