@@ -436,8 +436,7 @@ def _closest_pair_to_merge(pos_mm, owner, voxel_mm3, cfg) -> tuple[int, int] | N
     n = len(pos_mm)
     if n < 2:
         return None
-    counts = np.bincount(owner, minlength=n)
-    radius = np.cbrt(3.0 * counts * voxel_mm3 / (4.0 * math.pi))
+    radius = _part_radii(owner, n, voxel_mm3)
     best = None
     for a in range(n):
         for b in range(a + 1, n):
@@ -445,6 +444,11 @@ def _closest_pair_to_merge(pos_mm, owner, voxel_mm3, cfg) -> tuple[int, int] | N
             if d < cfg.split_separation * max(radius[a], radius[b]) and (best is None or d < best[0]):
                 best = (d, a, b)
     return None if best is None else (best[1], best[2])
+
+
+def _part_radii(owner: np.ndarray, n: int, voxel_mm3: float) -> np.ndarray:
+    """Equivalent-sphere radius (mm) of each seed's part."""
+    return np.cbrt(3.0 * np.bincount(owner, minlength=n) * voxel_mm3 / (4.0 * math.pi))
 
 
 def _pair_without_neck(comp_shape, coords, owner, pos_mm, spacing, cfg: PostprocessConfig) -> tuple[int, int] | None:
@@ -456,9 +460,7 @@ def _pair_without_neck(comp_shape, coords, owner, pos_mm, spacing, cfg: Postproc
     could not hold both."""
     if not math.isfinite(cfg.neck_ratio):
         return None
-    n = len(pos_mm)
-    counts = np.bincount(owner, minlength=n)
-    part_radius = np.cbrt(3.0 * counts * float(np.prod(spacing)) / (4.0 * math.pi))
+    part_radius = _part_radii(owner, len(pos_mm), float(np.prod(spacing)))
     for (a, b), area_mm2 in sorted(_cut_areas(comp_shape, coords, owner, pos_mm, spacing).items()):
         separation = float(np.linalg.norm(pos_mm[a] - pos_mm[b]))
         if separation > cfg.max_diameter_mm / 2.0:
