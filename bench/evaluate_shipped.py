@@ -126,11 +126,11 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     if args.update_card:
-        from glance.io import atomic_write_text
+        from glance.model.card import write_card
 
         card = read_card(folder)
         card.metrics.update({"held_out_tta" if args.tta else "held_out": summary})
-        atomic_write_text(folder / "card.json", card.to_json())
+        write_card(folder, card)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ DATA = ROOT.parent / "shared" / "data"
 RULES = {"lungs": ("require_lung_contact", False, True), "neck": ("neck_ratio", math.inf, 0.8)}
 
 
-def count(loaded, labels, nodules, _outside_lungs=None) -> dict:
+def count(loaded, labels, nodules) -> dict:
     """Reported nodules, reference nodules, found, false positives (``glance evaluate``'s matching),
     and the sum of the reference nodules' Dice (``glance evaluate``'s per-nodule scoring)."""
     from glance_training.evaluate import reference_findings, reported_outcome
@@ -90,7 +90,7 @@ def main() -> None:
             prob, heat, _, _ = predict_maps(loaded.ct, network, options.inference)
             result["cases"][f"{which}:{loaded.case_id}"] = {
                 setting: count(loaded, *analyse_maps(loaded.ct, prob, heat,
-                                                     replace(options.postprocess, **{field: value})))
+                                                     replace(options.postprocess, **{field: value}))[:2])
                 for setting, value in (("without_rule", off), ("with_rule", on))}
     totals = {}
     for group, prefix in (("validation phantoms", "val:"), ("held-out phantoms", "all:"), ("scans", "test:")):

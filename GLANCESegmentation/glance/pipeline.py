@@ -175,12 +175,11 @@ def lungs_for(hu: np.ndarray, spacing: tuple[float, float, float], cfg: Postproc
     return lung_map(hu, spacing)
 
 
-def ct_lungs(ct: Volume) -> LungMap | None:
-    """The lungs of a CT on its input grid, found once for many post-processings of it."""
-    from glance.preprocess import lung_map
-
+def ct_lungs(ct: Volume, cfg: PostprocessConfig | None = None) -> LungMap | None:
+    """The lungs rule 8 needs for a CT (None when ``cfg`` turns the rule off), found once for many
+    post-processings of it."""
     canon, grid = canonical_volume(ct)
-    return lung_map(canon.array, tuple(grid.canonical_spacing))
+    return lungs_for(canon.array, tuple(grid.canonical_spacing), cfg or PostprocessConfig())
 
 
 def _on_input_grid(nodule: Nodule, ct: Volume) -> Nodule:

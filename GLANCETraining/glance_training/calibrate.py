@@ -267,14 +267,10 @@ def _relative(curve: SourceCurves, t: float) -> float:
 def write_to_card(model_folder: str | Path, calibration: Calibration) -> Path:
     """Store the calibrated thresholds in the model's card (the weights are untouched): a calibration on
     flip-averaged maps becomes its ``with_flips`` entry, and each kind keeps the other's."""
-    from glance.io import atomic_write_text
-    from glance.model.card import FLIPS_KEY
-    from glance.model.weights import CARD_FILE, read_card
+    from glance.model.card import FLIPS_KEY, read_card, write_card
 
     card = read_card(model_folder)
     entry, old = calibration.card_entry(), card.thresholds or {}
     kept_flips = {key: old[key] for key in (FLIPS_KEY,) if key in old}
     card.thresholds = {**old, FLIPS_KEY: entry} if calibration.config.tta else {**entry, **kept_flips}
-    path = Path(model_folder) / CARD_FILE
-    atomic_write_text(path, card.to_json())
-    return path
+    return write_card(model_folder, card)

@@ -210,7 +210,7 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
                 _score(got, loaded.case_id, spec.kind, _crop_prediction(loaded, network, options),
                        loaded.labels, spacing_kji, loaded.nodules)
             else:
-                lungs = ct_lungs(loaded.ct) if options.postprocess.require_lung_contact else None
+                lungs = ct_lungs(loaded.ct, options.postprocess)
                 analysis = segment_volume(loaded.ct, network, options, lungs=lungs)
                 _score(got, loaded.case_id, spec.kind, analysis.labels, loaded.labels, spacing_kji, loaded.nodules)
                 cands, refs, excl = froc_inputs(loaded, analysis.prob, analysis.heatmap, options.postprocess,

@@ -461,9 +461,8 @@ def _calibrate(folder: Path, cfg: TrainConfig) -> None:
 
 
 def _note_in_card(folder: Path, key: str, text: str) -> None:
-    from glance.io import atomic_write_text
-    from glance.model.weights import CARD_FILE, read_card
+    from glance.model.card import read_card, write_card
 
     card = read_card(folder)
     card.metrics = {**(card.metrics or {}), key: text}
-    atomic_write_text(Path(folder) / CARD_FILE, card.to_json())
+    write_card(folder, card)

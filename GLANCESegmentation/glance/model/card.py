@@ -90,6 +90,15 @@ def read_card(directory: str | Path) -> ModelCard:
     return card
 
 
+def write_card(directory: str | Path, card: ModelCard) -> Path:
+    """Write ``card`` as the ``card.json`` of ``directory``, atomically (a reader never sees half a card)."""
+    from glance.io.atomic import atomic_write_text
+
+    path = Path(directory) / CARD_FILE
+    atomic_write_text(path, card.to_json())
+    return path
+
+
 FLIPS_KEY = "with_flips"  # the operating point calibrated on flip-averaged maps (``--tta``)
 
 

@@ -24,6 +24,7 @@ from glance.model.card import (
     Preprocessing,
     read_card,
     recommended_thresholds,
+    write_card,
 )
 from glance.model.glance import GlanceNet
 
@@ -48,7 +49,7 @@ def save_model(model: GlanceNet, directory: str | Path, card: ModelCard, dtype: 
     """Write ``model.safetensors`` and ``card.json`` into ``directory`` (atomically per file)."""
     from safetensors.torch import save_file
 
-    from glance.io.atomic import atomic_path, atomic_write_text
+    from glance.io.atomic import atomic_path
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -59,7 +60,7 @@ def save_model(model: GlanceNet, directory: str | Path, card: ModelCard, dtype: 
     card.config = model.cfg.to_dict()
     card.dtype = str(dtype).removeprefix("torch.")
     card.weights_sha256 = _sha256(weights)
-    atomic_write_text(directory / CARD_FILE, card.to_json())
+    write_card(directory, card)
     return directory
 
 
