@@ -461,6 +461,47 @@ def test_case_weights_divide_a_sources_share_among_its_cases(tmp_path):
         load_source(DataSpec.parse(f"maxslice:{folder},case_weights={tmp_path / 'none.csv'}"), seed=0)
 
 
+def test_nodule_weights_weigh_a_cases_nodules_and_the_case_by_their_mean(tmp_path):
+    from glance.errors import GlanceError
+    from glance_training.data import DataSpec, load_source
+
+    masks = [np.pad(np.ones((7, 7), np.uint8), 32) for _ in range(3)]
+    folder = _write_maxslice(tmp_path, masks)
+    ids = [c.case_id for c in maxslice_crop_cases(folder)]
+    weights = tmp_path / "nodules.csv"
+    # Case 0: one nodule at 3; case 1: nodules 1 and 2 at 3 and 1 (mean 2); case 2 unlisted.
+    weights.write_text(f"case_id,label,weight\n{ids[0]},1,3\n{ids[1]},1,3\n{ids[1]},2,1\n")
+    crops = load_source(DataSpec.parse(f"maxslice:{folder},case_weights={weights}"), seed=0)
+    assert [c.sampling_weight for c in crops] == [3.0, 2.0, 1.0]
+    assert [c.nodule_weights for c in crops] == [{1: 3.0}, {1: 3.0, 2: 1.0}, {}]
+    for text, message in (("case_id,label,weight\nnobody,1,2\n", "1 case\\(s\\) not in this source"),
+                          (f"case_id,label,weight\n{ids[0]},0,2\n", "line 2: label 0 must be a nodule's"),
+                          (f"case_id,label,weight\n{ids[0]},first,2\n",
+                           "line 2: expected columns case_id,label,weight with a nodule label"),
+                          (f"case_id,label,weight\n{ids[0]},1,-1\n", "line 2: weight -1 must be positive")):
+        weights.write_text(text)
+        with pytest.raises(GlanceError, match=message):
+            load_source(DataSpec.parse(f"maxslice:{folder},case_weights={weights}"), seed=0)
+
+
+def test_hard_case_weights_from_an_evaluation_csv(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "hard_case_weights.py"
+    spec = importlib.util.spec_from_file_location("hard_case_weights", path)
+    hard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hard)
+    nodules = tmp_path / "nodules.csv"
+    nodules.write_text("case,source,gt_label,diameter_mm,kind,pred_label,dice,iou,sensitivity,hd95\n"
+                       "A,phantom,1,5,solid,1,0.9,0.8,1,1\n"
+                       "A,phantom,2,6,solid,0,0.0,0.0,0,inf\n"
+                       "B,phantom,1,7,solid,2,0.5,0.3,0.6,2\n"
+                       "C,phantom,1,7,solid,0,nan,nan,nan,nan\n")
+    assert hard.case_weights(nodules, 0.25) == pytest.approx({"A": 1.25, "B": 0.75, "C": 1.25})
+    assert hard.nodule_weights(nodules, 0.5) == pytest.approx({("A", 1): 0.6, ("A", 2): 1.5, ("B", 1): 1.0,
+                                                              ("C", 1): 1.5})
+
+
 # --- patient-level splits -----------------------------------------------------------------------
 
 

@@ -114,6 +114,28 @@ def test_positive_share_is_close_to_p():
     assert np.mean([s["mask"].sum().item() == 0 for s in negatives]) > 0.8
 
 
+def test_nodule_slices_pick_a_cases_nodules_by_weight(caplog):
+    # Two nodules told apart by density: label 1 at 400 HU (window 1.0), label 2 at 0 HU (1000 / 1400).
+    case = cube_case()
+    hu, labels = case.ct.array.copy(), case.labels.copy()
+    hu[4:8, 80:100, 80:100], labels[4:8, 80:100, 80:100] = 0, 2
+    case = Case("two", "two", "synthetic", Volume(hu, case.ct.spacing), labels, nodules_from_labels)
+    cfg = config(positive_prob=1.0, max_shift_fraction=0.0, samples_per_epoch=400)
+
+    def share_of_label_2(c: Case) -> float:
+        ds = SliceDataset(CaseList("s", [c]), cfg)
+        centres = np.array([float(ds[i]["image"][0, 16, 16]) for i in range(len(ds))])
+        assert np.all(np.isclose(centres, 1.0) | np.isclose(centres, 1000 / 1400))
+        return float(np.mean(np.isclose(centres, 1000 / 1400)))
+
+    assert 0.45 <= share_of_label_2(case) <= 0.55  # unweighted: one in two
+    assert 0.86 <= share_of_label_2(replace(case, nodule_weights={2: 9.0})) <= 0.94  # 9 : 1 (sd 0.015)
+    assert 0.06 <= share_of_label_2(replace(case, nodule_weights={1: 9.0, 2: 1.0})) <= 0.14
+    with caplog.at_level("WARNING"):
+        share_of_label_2(replace(case, nodule_weights={2: 1.0, 5: 3.0}))
+    assert "two: nodule weights for label(s) [5], which the case does not have" in caplog.text
+
+
 def test_samples_are_a_function_of_seed_epoch_and_index_only():
     cases = CaseList("s", [cube_case("a"), cube_case("b", box=np.s_[2:6, 30:50, 60:80])])
     cfg = config(augment=True, affine_prob=1.0, elastic_prob=1.0, positive_prob=0.5, samples_per_case=2)

@@ -18,8 +18,12 @@ A spec is ``KIND:ARG[,NAME=VALUE ...][@WEIGHT]``:
 
 Every kind also takes ``case_weights=CSV``: a file with the columns ``case_id,weight`` (weight > 0)
 giving some cases of the source a larger or smaller chance of being drawn, within the source's own
-share; unlisted cases weigh 1. ``bench/hard_case_weights.py`` writes one from a ``glance evaluate``
-of the training split (hard-example sampling: the cases the model outlines worst drawn most).
+share; unlisted cases weigh 1. With a ``label`` column (``case_id,label,weight``) each row weighs one
+nodule instead: a nodule slice of the case picks its nodules by weight (unlisted ones weigh 1), and
+the case is drawn in proportion to the mean weight of its listed nodules. That is what volumes with
+many nodules need (a phantom's one hard nodule among ten). ``bench/hard_case_weights.py`` writes
+either from a ``glance evaluate`` of the training split (hard-example sampling: the cases or nodules
+the model outlines worst drawn most).
 
 Grammar, so that any path works (Windows drive letters, '@' and ',' in folder names):
 
@@ -160,31 +164,54 @@ def load_source(spec: DataSpec, seed: int) -> CaseList:
 
 
 def with_case_weights(source: CaseList, path: Path, where: str) -> CaseList:
-    """``source`` with each listed case's ``sampling_weight`` from ``path`` (columns case_id, weight)."""
+    """``source`` with the sampling weights of ``path``: columns ``case_id,weight`` weigh cases;
+    with a ``label`` column each row weighs one nodule of a case, which is then drawn in proportion
+    to the mean weight of its listed nodules and, on a nodule slice, picks them by weight."""
+    rows, per_nodule = _weight_rows(path, where)
+    unknown = sorted({case_id for case_id, _, _ in rows} - {c.case_id for c in source})
+    if unknown:
+        raise GlanceError(f"--data {where}: {path}: {len(unknown)} case(s) not in this source, "
+                          f"e.g. {unknown[0]!r}")
+    if not per_nodule:
+        weights = {case_id: weight for case_id, _, weight in rows}
+        return CaseList(source.name, [replace(c, sampling_weight=weights.get(c.case_id, c.sampling_weight))
+                                      for c in source])
+    nodules: dict[str, dict[int, float]] = {}
+    for case_id, label, weight in rows:
+        nodules.setdefault(case_id, {})[label] = weight
+    return CaseList(source.name, [
+        replace(c, sampling_weight=c.sampling_weight * sum(nodules[c.case_id].values()) / len(nodules[c.case_id]),
+                nodule_weights=nodules[c.case_id]) if c.case_id in nodules else c
+        for c in source])
+
+
+def _weight_rows(path: Path, where: str) -> tuple[list[tuple[str, int | None, float]], bool]:
+    """The (case_id, label or None, weight) rows of a weights CSV, and whether it has a label column."""
     import csv
     import math
 
     try:
         with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            per_nodule = "label" in (reader.fieldnames or ())
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise GlanceError(f"--data {where}: case_weights: cannot read {path} ({exc})") from None
-    weights: dict[str, float] = {}
+    columns = "case_id,label,weight with a nodule label and a number" if per_nodule else \
+        "case_id,weight with a number"
+    parsed = []
     for n, row in enumerate(rows, start=2):
         try:
             case_id, weight = row["case_id"], float(row["weight"])
+            label = int(row["label"]) if per_nodule else None
         except (KeyError, TypeError, ValueError):
-            raise GlanceError(f"--data {where}: {path} line {n}: expected columns case_id,weight "
-                              "with a number") from None
+            raise GlanceError(f"--data {where}: {path} line {n}: expected columns {columns}") from None
         if not (math.isfinite(weight) and weight > 0):
             raise GlanceError(f"--data {where}: {path} line {n}: weight {row['weight']} must be positive")
-        weights[case_id] = weight
-    unknown = sorted(set(weights) - {c.case_id for c in source})
-    if unknown:
-        raise GlanceError(f"--data {where}: {path}: {len(unknown)} case(s) not in this source, "
-                          f"e.g. {unknown[0]!r}")
-    return CaseList(source.name, [replace(c, sampling_weight=weights.get(c.case_id, c.sampling_weight))
-                                  for c in source])
+        if label is not None and label < 1:
+            raise GlanceError(f"--data {where}: {path} line {n}: label {label} must be a nodule's (1 or more)")
+        parsed.append((case_id, label, weight))
+    return parsed, per_nodule
 
 
 @dataclass

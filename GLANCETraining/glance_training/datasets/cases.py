@@ -83,6 +83,8 @@ class Case:
     nodules: Sequence[Annotation] | NodulesLoader = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
     sampling_weight: float = 1.0  # relative chance of being drawn within its source (data spec case_weights)
+    # Relative chance of each finding (by label) on a nodule slice of this case; unlisted ones weigh 1.
+    nodule_weights: dict[int, float] = field(default_factory=dict)
 
     def load(self) -> LoadedCase:
         ct = self.ct() if callable(self.ct) else self.ct

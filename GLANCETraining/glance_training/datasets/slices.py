@@ -91,6 +91,7 @@ class _Finding:
     diameter_mm: float
     excluded: bool
     label: int
+    weight: float = 1.0  # relative chance among the case's findings on a nodule slice
 
 
 @dataclass
@@ -106,16 +107,21 @@ class _Prepared:
     two_d: bool
 
 
-def prepare(loaded: LoadedCase) -> _Prepared:
+def prepare(loaded: LoadedCase, nodule_weights: dict[int, float] | None = None) -> _Prepared:
     from glance.io.geometry import to_canonical
 
     hu, grid = to_canonical(loaded.ct)
     labels = grid.to_canonical(loaded.labels) if loaded.labels is not None else None
     lps_to_canonical = np.linalg.inv(grid.index_to_lps)
+    weights = nodule_weights or {}
     findings = [
-        _Finding((lps_to_canonical @ np.r_[n.centre_lps, 1.0])[:3], n.diameter_mm, n.excluded, n.label)
+        _Finding((lps_to_canonical @ np.r_[n.centre_lps, 1.0])[:3], n.diameter_mm, n.excluded, n.label,
+                 weights.get(n.label, 1.0))
         for n in loaded.nodules
     ]
+    unknown = sorted(set(weights) - {n.label for n in loaded.nodules})
+    if unknown:
+        log.warning("%s: nodule weights for label(s) %s, which the case does not have", loaded.case_id, unknown)
     label_slices = {}
     if labels is not None:
         for value, box in enumerate(ndimage.find_objects(labels), start=1):
@@ -170,7 +176,8 @@ class SliceDataset(torch.utils.data.Dataset):
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
-        prepared = prepare(self.cases[index].load())
+        case = self.cases[index]
+        prepared = prepare(case.load(), case.nodule_weights)
         self._cache[index] = prepared
         while len(self._cache) > max(1, self.config.cache_cases):
             self._cache.popitem(last=False)
@@ -218,7 +225,11 @@ class SliceDataset(torch.utils.data.Dataset):
     def _nodule_position(self, case: _Prepared, rng: np.random.Generator) -> tuple[int, np.ndarray]:
         cfg = self.config
         candidates = [f for f in case.findings if not f.excluded]
-        f = candidates[int(rng.integers(len(candidates)))]
+        weights = np.array([f.weight for f in candidates])
+        if np.all(weights == 1.0):  # the unweighted draw, kept so that unweighted runs sample as before
+            f = candidates[int(rng.integers(len(candidates)))]
+        else:
+            f = candidates[int(rng.choice(len(candidates), p=weights / weights.sum()))]
         if f.label in case.label_slices:
             k0, k1 = case.label_slices[f.label]
             k = int(rng.integers(k0, k1))
