@@ -2,8 +2,8 @@
 
 Both wrap :mod:`glance.phantom` (the generator and ``insert_nodules`` live there); this
 module only makes them lazy cases. A case is generated when loaded, from a seed fixed
-when the source is built, so case n is the same every time it is loaded and nothing
-is stored.
+when the source is built, so case n is the same every time it is loaded. Nothing is
+stored unless ``GLANCE_PHANTOM_CACHE`` names a folder (:mod:`.phantom_store`).
 
 Inserted cases keep the background scan's patient id: a patient's scan used as a
 background is still that patient for the split. Real nodule crops of held-out patients
@@ -29,6 +29,7 @@ import numpy as np
 from glance.errors import InputError
 from glance.volume import Volume
 
+from . import phantom_store
 from .cases import Annotation, Case, CaseList, CaseSource, LoadedCase
 from .split import RESERVED_TEST_PATIENTS
 
@@ -102,14 +103,23 @@ def phantom_cache() -> Iterator[PhantomCache]:
 def _make_phantom(config) -> tuple[Volume, np.ndarray, list[Annotation]]:
     cache = _cache
     if cache is None:
-        return _generate_phantom(config)
+        return _stored_or_generated(config)
     key = repr(config)  # PhantomConfig is an unhashable dataclass of plain values; its repr is every field
     if key not in cache._phantoms:
         start = time.perf_counter()
-        cache._phantoms[key] = _generate_phantom(config)
+        cache._phantoms[key] = _stored_or_generated(config)
         cache.generated += 1
         cache.seconds += time.perf_counter() - start
     return cache._phantoms[key]
+
+
+def _stored_or_generated(config) -> tuple[Volume, np.ndarray, list[Annotation]]:
+    stored = phantom_store.load(config)
+    if stored is not None:
+        return stored
+    phantom = _generate_phantom(config)
+    phantom_store.save(config, phantom)
+    return phantom
 
 
 def _generate_phantom(config) -> tuple[Volume, np.ndarray, list[Annotation]]:
