@@ -71,6 +71,14 @@ def training_split(card):
                        tuple(train_cfg.get("held_out", ("LIDC-IDRI-0001", "LIDC-IDRI-0003"))))
 
 
+def evaluation_seed(card, which: str) -> int:
+    """The seed an evaluation loads its sources with (it decides the phantoms). ``--split train`` takes
+    the training seed, so that it scores the phantoms the model trained on, as it scores the patients it
+    trained on; any other split takes the seed + EVALUATION_SEED_OFFSET: phantoms never trained on."""
+    seed = int(((card.training or {}).get("config") or {}).get("seed", 0))
+    return seed if which == "train" else seed + EVALUATION_SEED_OFFSET
+
+
 def split_cases(spec_text: str, which: str, max_cases: int, split, seed: int):
     """(spec, cases) of one data source: the ``which`` part (one of SPLIT_CHOICES) of ``split``, at most
     ``max_cases`` of them (0: all)."""
@@ -195,12 +203,12 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     card = network[1]
     options = with_model_thresholds(options, card)
     split = training_split(card)
-    seed = int(((card.training or {}).get("config") or {}).get("seed", 0)) + EVALUATION_SEED_OFFSET
+    seed = evaluation_seed(card, cfg.split)
     got = _Collected()
     for spec_text in cfg.data:
         spec, cases = split_cases(spec_text, cfg.split, cfg.max_cases, split, seed)
         log.info("%s: %d %s cases", spec_text, len(cases), cfg.split)
-        if cfg.split in ("train", "all") and spec.kind != "phantom":  # phantom seeds here are never trained on
+        if cfg.split == "train" or (cfg.split == "all" and spec.kind != "phantom"):  # see evaluation_seed
             log.warning("%s: --split %s scores patients the model trained on: not a held-out accuracy",
                         spec_text, cfg.split)
         for n, case in enumerate(cases, start=1):
