@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,7 @@ def load(config) -> Phantom | None:
             labels = data["labels"]
         log.info("phantom seed %s loaded from %s", config.seed, path)
         return ct, labels, findings
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         log.warning("%s: cannot read the stored phantom (%s); generating it again", path, exc)
         return None
 
