@@ -60,7 +60,7 @@ def _total(rows: list[dict]) -> dict:
 def main() -> None:
     from glance.infer import InferenceOptions
     from glance.pipeline import SegmentOptions, analyse_maps, load_network, predict_maps, with_model_thresholds
-    from glance_training.evaluate import EVALUATION_SEED_OFFSET, split_cases, training_split
+    from glance_training.evaluate import EVALUATION_SEED_OFFSET, split_cases, training_seed, training_split
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--rule", required=True, choices=sorted(RULES))
@@ -74,7 +74,7 @@ def main() -> None:
     network = load_network(options)
     options = with_model_thresholds(options, network[1])
     split = training_split(network[1])
-    seed = int(((network[1].training or {}).get("config") or {}).get("seed", 0))
+    seed = training_seed(network[1])
     sources = [(f"phantom:{args.phantoms}", "val", seed)]
     if args.held_out_phantoms:
         sources.append((f"phantom:{args.held_out_phantoms}", "all", seed + EVALUATION_SEED_OFFSET))

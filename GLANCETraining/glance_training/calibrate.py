@@ -147,10 +147,10 @@ def choose_thresholds(groups: list[tuple[str, list[CaseMaps], bool]], cfg: Calib
 def _predict_source(spec_text: str, cfg: CalibrationConfig, network, inference, progress):
     """(spec, [cases with maps], volumetric) of the labelled cases of one source's split."""
     from glance.pipeline import ct_lungs, predict_maps
-    from glance_training.evaluate import CROP_KINDS, split_cases, training_split
+    from glance_training.evaluate import CROP_KINDS, split_cases, training_seed, training_split
 
     card = network[1]
-    seed = int(((card.training or {}).get("config") or {}).get("seed", 0))
+    seed = training_seed(card)
     spec, cases = split_cases(spec_text, cfg.split, cfg.max_cases, training_split(card), seed)
     volumetric = spec.kind not in CROP_KINDS
     kept = []

@@ -71,11 +71,16 @@ def training_split(card):
                        tuple(train_cfg.get("held_out", ("LIDC-IDRI-0001", "LIDC-IDRI-0003"))))
 
 
+def training_seed(card) -> int:
+    """The seed the model was trained with (0 for a model without training info)."""
+    return int(((card.training or {}).get("config") or {}).get("seed", 0))
+
+
 def evaluation_seed(card, which: str) -> int:
     """The seed an evaluation loads its sources with (it decides the phantoms). ``--split train`` takes
     the training seed, so that it scores the phantoms the model trained on, as it scores the patients it
     trained on; any other split takes the seed + EVALUATION_SEED_OFFSET: phantoms never trained on."""
-    seed = int(((card.training or {}).get("config") or {}).get("seed", 0))
+    seed = training_seed(card)
     return seed if which == "train" else seed + EVALUATION_SEED_OFFSET
 
 
