@@ -59,8 +59,9 @@ def _total(rows: list[dict]) -> dict:
 
 def main() -> None:
     from glance.infer import InferenceOptions
-    from glance.pipeline import SegmentOptions, analyse_maps, load_network, predict_maps, with_model_thresholds
-    from glance_training.evaluate import EVALUATION_SEED_OFFSET, split_cases, training_seed, training_split
+    from glance.pipeline import (SegmentOptions, analyse_maps, ct_lungs, load_network, predict_maps,
+                                 with_model_thresholds)
+    from glance_training.evaluate import evaluation_seed, split_cases, training_seed, training_split
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--rule", required=True, choices=sorted(RULES))
@@ -77,7 +78,7 @@ def main() -> None:
     seed = training_seed(network[1])
     sources = [(f"phantom:{args.phantoms}", "val", seed)]
     if args.held_out_phantoms:
-        sources.append((f"phantom:{args.held_out_phantoms}", "all", seed + EVALUATION_SEED_OFFSET))
+        sources.append((f"phantom:{args.held_out_phantoms}", "all", evaluation_seed(network[1], "all")))
     if not args.skip_scans:
         sources += [(f"lidc:{DATA / 'LIDC-IDRI-0001'}", "test", seed), (f"lidc:{DATA / 'scans'}", "test", seed)]
     field, off, on = RULES[args.rule]
@@ -88,9 +89,10 @@ def main() -> None:
         for case in cases:
             loaded = case.load()
             prob, heat, _, _ = predict_maps(loaded.ct, network, options.inference)
+            lungs = ct_lungs(loaded.ct)  # once for both settings (unused where rule 8 is off)
             result["cases"][f"{which}:{loaded.case_id}"] = {
-                setting: count(loaded, *analyse_maps(loaded.ct, prob, heat,
-                                                     replace(options.postprocess, **{field: value}))[:2])
+                setting: count(loaded, *analyse_maps(loaded.ct, prob, heat, replace(options.postprocess,
+                                                     **{field: value}), lungs=lungs)[:2])
                 for setting, value in (("without_rule", off), ("with_rule", on))}
     totals = {}
     for group, prefix in (("validation phantoms", "val:"), ("held-out phantoms", "all:"), ("scans", "test:")):
