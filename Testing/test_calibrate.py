@@ -126,7 +126,13 @@ def test_card_thresholds_drive_segment_defaults_and_explicit_values_win():
     chosen = with_model_thresholds(SegmentOptions(), card)
     assert (chosen.postprocess.seg_threshold, chosen.postprocess.det_threshold) == (0.2, 0.45)
     assert chosen.threshold_sources == {"segmentation": "model card (calibrated)",
-                                        "detection": "model card (calibrated)"}
+                                        "detection": "model card (calibrated)",
+                                        "outline_fraction": "built-in default"}
+    assert chosen.postprocess.outline_fraction == 0.0  # a card without rule 9's fraction keeps it off
+    outlined = ModelCard("m", "1", {}, thresholds={"segmentation": 0.2, "detection": 0.45, "outline_fraction": 0.3})
+    assert with_model_thresholds(SegmentOptions(), outlined).postprocess.outline_fraction == 0.3
+    off = with_model_thresholds(SegmentOptions(outline_fraction=0.0), outlined)
+    assert off.postprocess.outline_fraction == 0.0 and off.threshold_sources["outline_fraction"] == "requested"
     mixed = with_model_thresholds(SegmentOptions(det_threshold=0.7), card)
     assert (mixed.postprocess.seg_threshold, mixed.postprocess.det_threshold) == (0.2, 0.7)
     assert mixed.threshold_sources["detection"] == "requested"
@@ -141,10 +147,12 @@ def test_flip_averaged_runs_use_the_cards_flip_thresholds():
     from glance.pipeline import SegmentOptions, with_model_thresholds
 
     flips = SegmentOptions(inference=InferenceOptions(tta=True))
-    card = ModelCard("m", "1", {}, thresholds={"segmentation": 0.05, "detection": 0.4,
-                                               "with_flips": {"segmentation": 0.15, "detection": 0.35}})
+    card = ModelCard("m", "1", {}, thresholds={"segmentation": 0.05, "detection": 0.4, "outline_fraction": 0.1,
+                                               "with_flips": {"segmentation": 0.15, "detection": 0.35,
+                                                              "outline_fraction": 0.2}})
     chosen = with_model_thresholds(flips, card)
     assert (chosen.postprocess.seg_threshold, chosen.postprocess.det_threshold) == (0.15, 0.35)
+    assert chosen.postprocess.outline_fraction == 0.2
     assert set(chosen.threshold_sources.values()) == {"model card (calibrated with flips)"}
     plain = with_model_thresholds(SegmentOptions(), card)
     assert (plain.postprocess.seg_threshold, plain.postprocess.det_threshold) == (0.05, 0.4)
@@ -172,7 +180,8 @@ def test_writing_one_kind_of_calibration_keeps_the_other(tmp_path):
 
 @pytest.mark.parametrize("thresholds", [{"segmentation": 1.5}, {"detection": 0}, {"detection": "high"},
                                         {"segmentation": True}, [], {"with_flips": {"segmentation": 2.0}},
-                                        {"with_flips": "0.2"}])
+                                        {"with_flips": "0.2"}, {"outline_fraction": 1.0},
+                                        {"outline_fraction": -0.1}, {"outline_fraction": True}])
 def test_a_card_with_impossible_thresholds_is_refused(tmp_path, thresholds):
     from glance.errors import ModelError
     from glance.model.weights import ModelCard, read_card
@@ -200,6 +209,48 @@ def test_evaluate_and_calibrate_cut_a_crop_at_the_same_voxels(monkeypatch):
     assert np.array_equal(evaluated, case.loaded.labels > 0)
     curve = choose_thresholds([("crops", [case], False)], CalibrationConfig(data=["crops"])).sources[0]
     assert curve.dice[0.2] == 1.0 and curve.dice[0.25] < 1.0
+
+
+def _ringed_crop(n: int, core: float, ring: float):
+    """A 1-slice crop: reader mask = disk r4 at p = ``core``; a ring out to r7 at p = ``ring``;
+    0.02 elsewhere; heatmap 0.50 at the centre."""
+    case = _crop_case(n)
+    shape = case.prob.shape[1:]
+    inner, outer = _disk(shape, (20, 20), 4), _disk(shape, (20, 20), 7)
+    case.prob[0] = _u8(0.02)
+    case.prob[0][outer], case.prob[0][inner] = _u8(ring), _u8(core)
+    case.loaded.labels[0] = inner
+    return case
+
+
+def test_the_outline_fraction_fits_a_strong_and_a_faint_nodule_that_no_single_threshold_fits(tmp_path):
+    """Strong crop: 0.90 core, 0.30 ring; faint crop: 0.20 core, 0.06 ring. No one threshold keeps the
+    faint core and drops the strong ring: the best, 0.20 (ties to the highest), scores the faint crop
+    1 and the strong one |r4| * 2 / (|r4| + |r7|). There, a fraction of 0.4 cuts the strong nodule at
+    0.36 (its core) and leaves the faint one whole: Dice 1 for both; 0.3 cuts at 0.27, too low."""
+    from glance.model.weights import ModelCard, read_card
+    from glance_training.calibrate import CalibrationConfig, choose_thresholds, write_to_card
+
+    cases = [_ringed_crop(0, 0.90, 0.30), _ringed_crop(1, 0.20, 0.06)]
+    result = choose_thresholds([("crops", cases, False)], CalibrationConfig(data=["crops"]))
+    inner, outer = (int(_disk((41, 41), (20, 20), r).sum()) for r in (4, 7))
+    assert result.segmentation == 0.2
+    assert result.sources[0].outline_dice == pytest.approx({0.0: (1 + 2 * inner / (inner + outer)) / 2, 0.1: (
+        1 + 2 * inner / (inner + outer)) / 2, 0.2: (1 + 2 * inner / (inner + outer)) / 2, 0.3: (
+        1 + 2 * inner / (inner + outer)) / 2, 0.4: 1.0})
+    assert result.outline_fraction == 0.4
+    (tmp_path / "card.json").write_text(ModelCard("m", "1", {}).to_json())
+    write_to_card(tmp_path, result)
+    thresholds = read_card(tmp_path).thresholds
+    assert thresholds["outline_fraction"] == 0.4
+    assert thresholds["calibration"]["dice_at_outline_fraction"] == {"crops": 1.0}
+
+
+def test_an_outline_fraction_that_does_not_help_stays_off():
+    from glance_training.calibrate import CalibrationConfig, choose_thresholds
+
+    result = choose_thresholds([("crops", [_crop_case(0)], False)], CalibrationConfig(data=["crops"]))
+    assert set(result.sources[0].outline_dice.values()) == {1.0} and result.outline_fraction == 0.0
 
 
 def test_detection_threshold_is_raised_to_the_false_positive_budget():

@@ -400,3 +400,90 @@ def test_a_gas_pocket_far_smaller_than_the_lungs_is_not_lung():
     pocket[0, 0, 0] = True
     assert not lungs.touches(np.array([38, 72, 66]), pocket)  # just below the pocket: not against the lungs
     assert lungs.touches(np.array([12, 48, 20]), pocket)  # just beyond the lung box's wall
+
+
+# --------------------------------------------------------------------------- rule 9: outlines
+
+
+def _cone(centre, peak, radius_mm):
+    """Probability falling linearly from ``peak`` at ``centre`` to 0 at ``radius_mm``."""
+    d = np.sqrt(sum(((GRID[a] - centre[a]) * SPACING[a]) ** 2 for a in range(3)))
+    return np.clip(peak * (1.0 - d / radius_mm), 0.0, 1.0).astype(np.float32)
+
+
+def _strong_and_faint():
+    """A confident nodule (peak 1.0, support 8 mm) and a faint one (peak 0.2, support 5 mm)."""
+    prob = np.maximum(_cone(A_CENTRE, 1.0, 8.0), _cone(B_CENTRE, 0.2, 5.0))
+    heat = np.maximum(gaussian(A_CENTRE, 0.9), gaussian(B_CENTRE, 0.6))
+    return prob, heat
+
+
+def test_rule_9_outlines_each_nodule_at_its_own_share_of_its_peak():
+    prob, heat = _strong_and_faint()
+    base = PostprocessConfig(seg_threshold=0.05, det_threshold=0.3)
+    plain = find_nodules(prob, heat, SPACING, base)
+    half = find_nodules(prob, heat, SPACING, replace(base, outline_fraction=0.5))
+    # p >= 0.5 * peak is the inner half of each cone's radius: 4 mm and 2.5 mm balls.
+    strong = {c.peak_index: c.label for c in half.candidates}[A_CENTRE]
+    faint = {c.peak_index: c.label for c in half.candidates}[B_CENTRE]
+    assert np.array_equal(half.labels == strong, ball(A_CENTRE, 4.0))
+    assert np.array_equal(half.labels == faint, ball(B_CENTRE, 2.5))
+    # An absolute threshold of 0.5 would lose the faint nodule; 0.05 outlines the strong one to 7.6 mm.
+    assert np.array_equal(plain.labels == {c.peak_index: c.label for c in plain.candidates}[A_CENTRE],
+                          ball(A_CENTRE, 8.0 * 0.95))
+
+
+def test_rule_9_changes_outlines_only_not_what_is_found_or_its_confidence():
+    prob, heat = _strong_and_faint()
+    base = PostprocessConfig(seg_threshold=0.05, det_threshold=0.3)
+    plain = find_nodules(prob, heat, SPACING, base)
+    half = find_nodules(prob, heat, SPACING, replace(base, outline_fraction=0.5))
+    assert [(c.peak_index, c.confidence, c.mean_probability) for c in plain.candidates] == \
+        [(c.peak_index, c.confidence, c.mean_probability) for c in half.candidates]
+    assert all(h.component_voxels < p.component_voxels for p, h in zip(plain.candidates, half.candidates))
+    froc = [(c.peak_index, c.confidence) for c in candidates_for_froc(prob, heat, SPACING, base)]
+    assert froc == [(c.peak_index, c.confidence)
+                    for c in candidates_for_froc(prob, heat, SPACING, replace(base, outline_fraction=0.5))]
+
+
+def test_rule_9_keeps_the_piece_holding_the_peak():
+    # A nodule (peak 0.9) with a lobe of its component at 0.3 on one side: at 0.5 x peak the lobe goes.
+    prob = _cone(A_CENTRE, 0.9, 6.0)
+    lobe = ball((A_CENTRE[0], A_CENTRE[1] + 10, A_CENTRE[2]), 2.5)
+    bridge = np.zeros(SHAPE, bool)
+    bridge[A_CENTRE[0], A_CENTRE[1]:A_CENTRE[1] + 10, A_CENTRE[2]] = True
+    prob[lobe | (bridge & (prob < 0.1))] = 0.3
+    heat = gaussian(A_CENTRE, 0.9)
+    det = find_nodules(prob, heat, SPACING, PostprocessConfig(0.05, 0.3, outline_fraction=0.5))
+    assert len(det.candidates) == 1
+    assert np.array_equal(det.labels == 1, (prob >= 0.45) & ball(A_CENTRE, 6.0))
+    assert not (det.labels[lobe]).any()
+
+
+def test_outline_mask_cuts_each_crop_component_at_its_own_peak():
+    from glance.postprocess import outline_mask
+
+    prob = np.zeros((1, 40, 40), np.float32)
+    prob[0, 5:15, 5:15] = 0.2
+    prob[0, 8:12, 8:12] = 0.8  # component 1: peak 0.8, core of 16 pixels
+    prob[0, 25:35, 25:35] = 0.1  # component 2: flat at 0.1, kept whole
+    cfg = PostprocessConfig(seg_threshold=0.05, outline_fraction=0.5)
+    expected = np.zeros_like(prob, bool)
+    expected[0, 8:12, 8:12] = True
+    expected[0, 25:35, 25:35] = True
+    assert np.array_equal(outline_mask(prob, cfg), expected)
+    assert np.array_equal(outline_mask(prob, replace(cfg, outline_fraction=0.0)), prob >= 0.05)
+    u8 = np.round(prob * 255).astype(np.uint8)
+    assert np.array_equal(outline_mask(u8, cfg), expected)  # the map's encoding does not matter
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5])
+def test_an_outline_fraction_outside_0_to_1_is_an_input_error(fraction):
+    from glance.postprocess import outline_mask
+
+    prob, heat = _strong_and_faint()
+    cfg = PostprocessConfig(outline_fraction=fraction)
+    with pytest.raises(InputError, match="outline fraction"):
+        find_nodules(prob, heat, SPACING, cfg)
+    with pytest.raises(InputError, match="outline fraction"):
+        outline_mask(prob, cfg)

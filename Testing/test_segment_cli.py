@@ -94,25 +94,32 @@ def test_refilter_changes_thresholds_without_the_network(untrained, example_ct, 
     assert _run(["segment", str(path), "--out", str(out), "--model", str(untrained), "--det-threshold", "0.05",
                  "--seg-threshold", "0.3", "--no-snapshots"], capsys)[0] == 0
     first = json.loads((out / "report.json").read_text())
-    assert first["thresholds"]["source"] == {"segmentation": "requested", "detection": "requested"}
+    assert first["thresholds"]["source"] == {"segmentation": "requested", "detection": "requested",
+                                             "outline_fraction": "built-in default"}
     # A threshold refilter does not set keeps the source the report gave it.
     first["thresholds"]["source"]["segmentation"] = "model card (calibrated)"
     (out / "report.json").write_text(json.dumps(first))
     rc, text, err = _run(["refilter", str(out), "--det-threshold", "0.999"], capsys)
     assert rc == 0, err
     strict = json.loads((out / "report.json").read_text())
-    assert strict["thresholds"] == {"segmentation": 0.3, "detection": 0.999, "source": {
-        "segmentation": "model card (calibrated)", "detection": "requested"}} and strict["refiltered"]
+    assert strict["thresholds"] == {"segmentation": 0.3, "detection": 0.999, "outline_fraction": 0.0, "source": {
+        "segmentation": "model card (calibrated)", "detection": "requested",
+        "outline_fraction": "built-in default"}} and strict["refiltered"]
     assert strict["n_nodules"] <= first["n_nodules"]
     assert _run(["refilter", str(out), "--det-threshold", "0.05"], capsys)[0] == 0
     again = json.loads((out / "report.json").read_text())
     assert [n["centre_lps"] for n in again["nodules"]] == [n["centre_lps"] for n in first["nodules"]]
+    assert _run(["refilter", str(out), "--outline-fraction", "0.6"], capsys)[0] == 0
+    outlined = json.loads((out / "report.json").read_text())
+    assert outlined["thresholds"]["outline_fraction"] == outlined["postprocess"]["outline_fraction"] == 0.6
+    assert outlined["thresholds"]["source"]["outline_fraction"] == "requested"
 
 
 @pytest.mark.parametrize("argv, message", [
     (["segment", "/nonexistent/ct.nrrd", "--out", "{tmp}/o"], "/nonexistent/ct.nrrd: no such file or folder"),
     (["segment", "--out", "{tmp}/o"], "give an INPUT image or folder, or --example"),
     (["segment", "{ct}", "--out", "{tmp}/o", "--seg-threshold", "1.5"], "--seg-threshold must be between 0 and 1"),
+    (["segment", "{ct}", "--out", "{tmp}/o", "--outline-fraction", "1"], "--outline-fraction must be at least 0"),
     (["segment", "{ct}", "--out", "{tmp}/o", "--model", "no-such-model"], "no model 'no-such-model'"),
     (["segment", "{ct}", "--out", "{tmp}/o", "--device", "cuda:0"], None),
     (["refilter", "{tmp}"], "not a GLANCE result folder"),

@@ -462,7 +462,7 @@ def test_segmentation_logic_starts_the_engine_with_its_real_arguments(modules, t
     assert (args.seg_threshold, args.det_threshold) == (None, None)
     from glance.cli.segment import threshold_arguments
 
-    assert threshold_arguments(args) == {"seg_threshold": None, "det_threshold": None}
+    assert threshold_arguments(args) == {"seg_threshold": None, "det_threshold": None, "outline_fraction": None}
     assert args.progress_lines and args.force and not args.tta
     written = read_volume(args.input)  # the CT the engine will read is the one in the scene, in LPS
     np.testing.assert_array_equal(written.array, ct.array)

@@ -47,6 +47,7 @@ class SegmentOptions:
     # postprocess's own (PostprocessConfig's defaults, for a model without calibration).
     seg_threshold: float | None = None
     det_threshold: float | None = None
+    outline_fraction: float | None = None  # rule 9 of glance.postprocess
     threshold_sources: dict[str, str] = field(default_factory=dict)  # filled by with_model_thresholds
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     series_uid: str | None = None
@@ -103,7 +104,7 @@ def with_model_thresholds(options: SegmentOptions, card) -> SegmentOptions:
     """``options`` with final post-processing thresholds for ``card``'s model, and where each came from."""
     from dataclasses import replace
 
-    from glance.model.card import recommended_thresholds, uses_flip_thresholds
+    from glance.model.card import OUTLINE_KEY, recommended_thresholds, uses_flip_thresholds
 
     flips = options.inference.tta
     recommended = recommended_thresholds(card.thresholds, flips)
@@ -111,7 +112,8 @@ def with_model_thresholds(options: SegmentOptions, card) -> SegmentOptions:
                   else "model card (calibrated)")
     chosen, sources = {}, {}
     for key, explicit, field_name in (("segmentation", options.seg_threshold, "seg_threshold"),
-                                      ("detection", options.det_threshold, "det_threshold")):
+                                      ("detection", options.det_threshold, "det_threshold"),
+                                      (OUTLINE_KEY, options.outline_fraction, "outline_fraction")):
         if explicit is not None:
             chosen[field_name], sources[key] = float(explicit), "requested"
         elif key in recommended:
@@ -232,7 +234,8 @@ def algorithm_info(name: str, version: str, cfg: PostprocessConfig):
     from glance.report import AlgorithmInfo
 
     return AlgorithmInfo(name=name, version=version,
-                         thresholds={"segmentation": cfg.seg_threshold, "detection": cfg.det_threshold})
+                         thresholds={"segmentation": cfg.seg_threshold, "detection": cfg.det_threshold,
+                                     "outline_fraction": cfg.outline_fraction})
 
 
 def write_result(folder: Path, analysis: Analysis, algorithm, report: dict, snapshots: bool = True) -> None:
@@ -293,6 +296,7 @@ def base_report(ct: Volume, card, folder: Path, options: SegmentOptions, device:
                   "weights_sha256": card.weights_sha256, "intended_use": card.intended_use},
         "thresholds": {"segmentation": options.postprocess.seg_threshold,
                        "detection": options.postprocess.det_threshold,
+                       "outline_fraction": options.postprocess.outline_fraction,
                        "source": options.threshold_sources},
         "postprocess": asdict(options.postprocess),
         "device": device,

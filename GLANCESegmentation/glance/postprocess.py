@@ -41,6 +41,13 @@ The rules (DESIGN step 4):
    nodule borders lung parenchyma, juxta-pleural and juxta-vascular ones included;
    findings inside the mediastinum, heart, bone or upper abdomen do not, and are
    dropped before the ``max_nodules`` / ``max_candidates`` cut.
+9. Outline: with ``outline_fraction`` f > 0, each nodule keeps only its voxels with
+   p >= f x its own highest probability, the connected piece holding that voxel.
+   One absolute threshold cannot suit every nodule: a faint small nodule needs a low
+   one to be segmented at all, and at that level a confident large nodule is outlined
+   too wide. Rules 1-8 run unchanged at ``seg_threshold``, so which nodules are found,
+   their confidence and the FROC do not depend on f; only the outlines (and what is
+   measured on them) do.
 
 Memory: one boolean mask of the volume, component maps over the mask's bounding
 box only (cc3d picks uint16 when it can), the uint16 output; everything else per
@@ -90,6 +97,7 @@ class PostprocessConfig:
     froc_det_threshold: float = 0.05  # low threshold so FROC reaches high FP rates
     max_peaks_per_slice: int = 256  # bounds work on a noisy heatmap
     require_lung_contact: bool = True  # rule 8; off for a CT whose lungs the field of view cuts
+    outline_fraction: float = 0.0  # rule 9: outline at this fraction of each nodule's peak probability; 0 = off
 
 
 @dataclass
@@ -99,8 +107,8 @@ class Candidate:
     position_index: tuple[float, float, float]  # heatmap-weighted (k, j, i)
     confidence: float  # detection_score x mean_probability
     detection_score: float  # max heatmap value of the detection, in [0, 1]
-    mean_probability: float  # mean prob over the nodule's voxels, in [0, 1]
-    component_voxels: int  # voxels of the nodule (after splitting and clipping)
+    mean_probability: float  # mean prob over the nodule's voxels before rule 9's outlining, in [0, 1]
+    component_voxels: int  # voxels of the nodule (after splitting, clipping and outlining)
     slices: tuple[int, int]  # first and last slice (inclusive) holding one of its peaks
     bbox: tuple[int, int, int, int, int, int]  # (k0, j0, i0, k1, j1, i1), end exclusive
 
@@ -207,6 +215,11 @@ def _check_maps(prob: np.ndarray, heatmap: np.ndarray, spacing) -> None:
         raise InputError(f"spacing {tuple(spacing)} must be three positive values in mm")
 
 
+def _check_fraction(cfg: PostprocessConfig) -> None:
+    if not 0.0 <= cfg.outline_fraction < 1.0:
+        raise InputError(f"outline fraction must be at least 0 and below 1, got {cfg.outline_fraction}")
+
+
 def raw_threshold(threshold: float, dtype: np.dtype) -> float:
     """Threshold in the map's own encoding: ``raw >= result`` iff ``raw/255 >= threshold``."""
     if dtype == np.uint8:
@@ -309,6 +322,7 @@ def _nodules(prob, heatmap, spacing, cfg: PostprocessConfig,
              lungs: LungMap | None = None) -> tuple[list[_Nodule], int | None]:
     """All nodules passing every rule, best first, and how many rule 8 dropped (None: not run)."""
     _check_maps(prob, heatmap, spacing)
+    _check_fraction(cfg)
     spacing = tuple(float(s) for s in spacing)
     none_dropped = None if lungs is None else 0
     peaks = _find_peaks(heatmap, spacing, cfg)
@@ -336,6 +350,8 @@ def _nodules(prob, heatmap, spacing, cfg: PostprocessConfig,
         if outside:
             log.info("post-process: %d findings away from the lungs dropped", outside)
         nodules = inside
+    if cfg.outline_fraction > 0:
+        nodules = [_outlined(n, prob, cfg.outline_fraction) for n in nodules]
     nodules.sort(key=lambda n: (-n.confidence, tuple(n.seed.peak)))
     return nodules, outside
 
@@ -514,6 +530,41 @@ def _finish(part, origin, seed: _Seed, prob, spacing, cfg) -> _Nodule | None:
     k1, j1, i1 = piece_origin + np.array(piece.shape)
     mean_p = float(_unit(prob[k0:k1, j0:j1, i0:i1][piece]).mean())
     return _Nodule(seed, piece_origin, piece, mean_p)
+
+
+def _peak_piece(mask: np.ndarray, prob_box: np.ndarray, fraction: float) -> tuple[np.ndarray, tuple]:
+    """The voxels of ``mask`` at or above ``fraction`` x its highest value of ``prob_box`` that are
+    connected to that voxel, and where the highest value lies. In the map's own encoding: for
+    uint8 (round(p * 255)) and float maps alike, raw >= f x raw_max is p >= f x p_max."""
+    values = np.where(mask, prob_box, 0)
+    top = np.unravel_index(int(np.argmax(values)), values.shape)
+    structure = np.ones((3,) * mask.ndim, dtype=bool)  # 26-connected in 3D
+    pieces, _ = ndimage.label(mask & (values >= fraction * float(values[top])), structure=structure)
+    return pieces == pieces[top], top
+
+
+def _outlined(nod: _Nodule, prob: np.ndarray, fraction: float) -> _Nodule:
+    """Rule 9: the nodule cut at ``fraction`` of its own peak probability, box tightened."""
+    k0, j0, i0, k1, j1, i1 = nod.bbox
+    piece, _ = _peak_piece(nod.mask, prob[k0:k1, j0:j1, i0:i1], fraction)
+    sl = ndimage.find_objects(piece.astype(np.uint8))[0]
+    return replace(nod, origin=nod.origin + np.array([s.start for s in sl]), mask=piece[sl])
+
+
+def outline_mask(prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
+    """The network's segmentation without the detection rules (a nodule crop, which holds one
+    nodule and no lungs): components (26-connected) of p >= ``seg_threshold``, each reduced by
+    rule 9 when ``outline_fraction`` > 0. ``prob``: uint8 or float map of any dimension up to 3."""
+    _check_fraction(cfg)
+    mask = prob >= raw_threshold(cfg.seg_threshold, prob.dtype)
+    if cfg.outline_fraction <= 0 or not mask.any():
+        return mask
+    components, _ = ndimage.label(mask, structure=np.ones((3,) * prob.ndim, dtype=bool))
+    out = np.zeros_like(mask)
+    for n, box in enumerate(ndimage.find_objects(components), start=1):
+        piece, _ = _peak_piece(components[box] == n, prob[box], cfg.outline_fraction)
+        out[box] |= piece
+    return out
 
 
 def _candidate(label: int, nod: _Nodule) -> Candidate:

@@ -49,7 +49,7 @@ def _read_map(path: Path, ct: Volume):
 def refilter(folder: Path, report: dict, cfg: PostprocessConfig, requested: frozenset[str] = frozenset()) -> Analysis:
     """Rewrite the result in ``folder`` for new thresholds; the old result stays until the new one is complete.
 
-    ``requested``: the thresholds ("segmentation", "detection") this call sets; the others keep
+    ``requested``: the thresholds ("segmentation", "detection", "outline_fraction") this call sets; the others keep
     the source the report gave them."""
     from glance.io import OutputFolder
 
@@ -63,9 +63,9 @@ def refilter(folder: Path, report: dict, cfg: PostprocessConfig, requested: froz
     model = report.get("model", {})
     before = (report.get("thresholds") or {}).get("source") or {}
     sources = {key: "requested" if key in requested else before.get(key, "unknown")
-               for key in ("segmentation", "detection")}
+               for key in ("segmentation", "detection", "outline_fraction")}
     report.update({"thresholds": {"segmentation": cfg.seg_threshold, "detection": cfg.det_threshold,
-                                  "source": sources},
+                                  "outline_fraction": cfg.outline_fraction, "source": sources},
                    "postprocess": cfg.__dict__.copy(), "refiltered": True})
     with OutputFolder(folder, force=True) as tmp:
         for keep in ("example_ct.nrrd", "example_ground_truth.json"):

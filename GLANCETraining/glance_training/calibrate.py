@@ -9,6 +9,10 @@ puts nodule boundaries well below p = 0.5, so a fixed 0.5 under-segments. The th
   counts equally (so 200 small 2D crops cannot pick a value that breaks full-volume
   segmentation on the phantoms). Crops score the network's segmentation alone, volumes the
   whole pipeline, exactly as ``glance evaluate`` does. Ties go to the higher threshold.
+* outline fraction (post-processing rule 9: each nodule outlined at this fraction of its own
+  peak probability, 0 = off): the one with the best mean per-nodule Dice at that segmentation
+  threshold, same weighting, ties to the smaller. A faint small nodule needs a low threshold to
+  be segmented at all; rule 9 keeps a confident large one from being outlined too wide at it.
 * detection threshold (on the centre heatmap's peaks): the highest one that keeps at least
   ``target_sensitivity`` of the sensitivity reachable at any threshold (each source counting
   equally). Relative, because a nodule the network misses at every threshold cannot be bought
@@ -37,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SEG_GRID = tuple(round(0.05 * n, 2) for n in range(1, 11))  # 0.05 .. 0.50
 DET_GRID = tuple(round(0.05 * n, 2) for n in range(1, 20))  # 0.05 .. 0.95
+OUTLINE_GRID = (0.0, 0.1, 0.2, 0.3, 0.4)  # rule 9's fraction of each nodule's peak probability; 0 = off
 
 
 @dataclass
@@ -48,6 +53,7 @@ class CalibrationConfig:
     max_fp_per_scan: float = 1.0  # on the validation volumes, at the chosen detection threshold
     seg_grid: tuple[float, ...] = SEG_GRID
     det_grid: tuple[float, ...] = DET_GRID
+    outline_grid: tuple[float, ...] = OUTLINE_GRID
     device: str = "auto"
     batch: int = 8
     max_cases: int = 0
@@ -61,6 +67,7 @@ class SourceCurves:
     spec: str
     volumetric: bool
     dice: dict[float, float] = field(default_factory=dict)  # seg threshold -> mean per-nodule Dice
+    outline_dice: dict[float, float] = field(default_factory=dict)  # fraction -> Dice at the chosen threshold
     sensitivity: dict[float, float] = field(default_factory=dict)  # det threshold -> fraction found
     fp_per_scan: dict[float, float] = field(default_factory=dict)  # det threshold -> (volumes only)
     n_nodules: int = 0
@@ -73,6 +80,7 @@ class Calibration:
     detection: float
     sources: list[SourceCurves]
     config: CalibrationConfig
+    outline_fraction: float = 0.0
 
     def at(self, curve: str, threshold: float) -> dict[str, float]:
         return {s.spec: getattr(s, curve)[threshold] for s in self.sources if threshold in getattr(s, curve)}
@@ -82,14 +90,17 @@ class Calibration:
         return {
             "segmentation": self.segmentation,
             "detection": self.detection,
+            "outline_fraction": self.outline_fraction,
             "calibration": {
                 "data": self.config.data,
                 "split": self.config.split,
-                "rule": (f"segmentation: best mean per-nodule Dice (sources weighted equally); detection: "
+                "rule": (f"segmentation: best mean per-nodule Dice (sources weighted equally); outline fraction: "
+                         f"the same at that threshold; detection: "
                          f"highest heatmap threshold keeping >= {self.config.target_sensitivity:g} of the sensitivity "
                          f"reachable at any threshold (sources weighted equally), raised if needed to <= "
                          f"{self.config.max_fp_per_scan:g} false positives per validation volume"),
                 "dice_at_segmentation": self.at("dice", self.segmentation),
+                "dice_at_outline_fraction": self.at("outline_dice", self.outline_fraction),
                 "sensitivity_at_detection": self.at("sensitivity", self.detection),
                 "fp_per_scan_at_detection": self.at("fp_per_scan", self.detection),
                 "n_nodules": {s.spec: s.n_nodules for s in self.sources},
@@ -137,11 +148,14 @@ def choose_thresholds(groups: list[tuple[str, list[CaseMaps], bool]], cfg: Calib
     curves = [_seg_curve(spec, cases, volumetric, cfg) for spec, cases, volumetric in groups]
     seg = _best_segmentation([c for c in curves if c.dice], cfg.seg_grid)
     for curve, (_, cases, volumetric) in zip(curves, groups):
-        _det_curve(curve, cases, volumetric, seg, cfg)
+        _outline_curve(curve, cases, volumetric, seg, cfg)
+    fraction = _best_outline([c for c in curves if c.outline_dice], cfg.outline_grid)
+    for curve, (_, cases, volumetric) in zip(curves, groups):
+        _det_curve(curve, cases, volumetric, seg, cfg)  # rule 9 changes outlines only, not what is found
     det = max(_best_detection(curves, cfg.det_grid, cfg.target_sensitivity),
               _lowest_within_fp_budget(curves, cfg.det_grid, cfg.max_fp_per_scan))
-    log.info("calibrated: segmentation %.2f, detection %.2f", seg, det)
-    return Calibration(seg, det, curves, cfg)
+    log.info("calibrated: segmentation %.2f, outline fraction %.2f, detection %.2f", seg, fraction, det)
+    return Calibration(seg, det, curves, cfg, fraction)
 
 
 def _predict_source(spec_text: str, cfg: CalibrationConfig, network, inference, progress):
@@ -174,24 +188,40 @@ def _spacing_kji(loaded) -> tuple[float, float, float]:
 
 
 def _seg_curve(spec: str, cases: list[CaseMaps], volumetric: bool, cfg: CalibrationConfig) -> SourceCurves:
-    from glance.pipeline import nodule_labels
-    from glance.postprocess import PostprocessConfig, raw_threshold
-    from glance_training.metrics import score_nodules
+    from glance.postprocess import PostprocessConfig
 
     curve = SourceCurves(spec, volumetric, n_cases=len(cases))
     lowest = min(cfg.det_grid)
     masked = [c for c in cases if _has_mask(c.loaded)]  # centre-only findings (LUNA16) have no Dice
     for t in cfg.seg_grid if masked else ():
-        dice = []
-        for c in masked:
-            if volumetric:  # the whole pipeline, detecting at the lowest threshold the calibration considers
-                pred = nodule_labels(c.loaded.ct, c.prob, c.heat, PostprocessConfig(t, lowest), c.lungs)
-            else:
-                pred = c.prob >= raw_threshold(t, c.prob.dtype)
-            dice += [s.scores.dice for s in score_nodules(pred, c.loaded.labels, _spacing_kji(c.loaded))]
-        curve.dice[t] = float(np.mean(dice))
-        curve.n_nodules = len(dice)
+        curve.dice[t], curve.n_nodules = _mean_dice(masked, volumetric, PostprocessConfig(t, lowest))
     return curve
+
+
+def _outline_curve(curve: SourceCurves, cases: list[CaseMaps], volumetric: bool, seg: float,
+                   cfg: CalibrationConfig) -> None:
+    from glance.postprocess import PostprocessConfig
+
+    masked = [c for c in cases if _has_mask(c.loaded)]
+    for f in cfg.outline_grid if masked else ():
+        curve.outline_dice[f], _ = _mean_dice(masked, volumetric,
+                                              PostprocessConfig(seg, min(cfg.det_grid), outline_fraction=f))
+
+
+def _mean_dice(masked: list[CaseMaps], volumetric: bool, post) -> tuple[float, int]:
+    """Mean per-nodule Dice of the cases under post-processing ``post``, and the number of nodules.
+    Volumes run the whole pipeline (detecting at the lowest threshold the calibration considers);
+    crops the network's segmentation alone, as ``glance evaluate`` scores them."""
+    from glance.pipeline import nodule_labels
+    from glance.postprocess import outline_mask
+    from glance_training.metrics import score_nodules
+
+    dice = []
+    for c in masked:
+        pred = (nodule_labels(c.loaded.ct, c.prob, c.heat, post, c.lungs) if volumetric
+                else outline_mask(c.prob, post))
+        dice += [s.scores.dice for s in score_nodules(pred, c.loaded.labels, _spacing_kji(c.loaded))]
+    return float(np.mean(dice)), len(dice)
 
 
 def _best_segmentation(curves: list[SourceCurves], grid) -> float:
@@ -199,6 +229,13 @@ def _best_segmentation(curves: list[SourceCurves], grid) -> float:
         raise GlanceError("no nodule masks to calibrate segmentation on")
     mean = {t: float(np.mean([c.dice[t] for c in curves])) for t in grid}
     return max(sorted(grid, reverse=True), key=lambda t: mean[t])  # max() keeps the first (highest) of ties
+
+
+def _best_outline(curves: list[SourceCurves], grid) -> float:
+    """The fraction with the best mean Dice (sources weighted equally); ties go to the smaller one,
+    so rule 9 stays off unless it helps."""
+    mean = {f: float(np.mean([c.outline_dice[f] for c in curves])) for f in grid}
+    return max(sorted(grid), key=lambda f: mean[f])
 
 
 def _det_curve(curve: SourceCurves, cases: list[CaseMaps], volumetric: bool, seg: float,

@@ -57,6 +57,7 @@ class EvaluateConfig:
     n_bootstrap: int = 1000
     max_cases: int = 0  # 0: every case of the split
     tta: bool = False  # average the network over the in-plane flips
+    outline_fraction: float | None = None  # post-processing rule 9; None: the card's value, else off
 
 
 SPLIT_CHOICES = ("test", "val", "train", "all")
@@ -99,12 +100,12 @@ def split_cases(spec_text: str, which: str, max_cases: int, split, seed: int):
 
 
 def _crop_prediction(loaded, network, options) -> np.ndarray:
-    """Network segmentation (p >= threshold) of a crop, on its grid."""
+    """Network segmentation of a crop (p >= threshold, outlined by rule 9), on its grid."""
     from glance.pipeline import predict_maps
-    from glance.postprocess import raw_threshold
+    from glance.postprocess import outline_mask
 
     prob, _, _, _ = predict_maps(loaded.ct, network, options.inference, whole_image=True)
-    return prob >= raw_threshold(options.postprocess.seg_threshold, prob.dtype)
+    return outline_mask(prob, options.postprocess)
 
 
 def froc_inputs(loaded, prob, heatmap, cfg, score: str = "confidence", lungs=FIND_LUNGS):
@@ -203,7 +204,8 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     if not cfg.data:
         raise GlanceError("no evaluation data: give --data KIND:PATH")
     options = SegmentOptions(model=cfg.model, inference=InferenceOptions(cfg.device, cfg.batch, tta=cfg.tta),
-                             seg_threshold=cfg.seg_threshold, det_threshold=cfg.det_threshold)
+                             seg_threshold=cfg.seg_threshold, det_threshold=cfg.det_threshold,
+                             outline_fraction=cfg.outline_fraction)
     network = load_network(options)
     card = network[1]
     options = with_model_thresholds(options, card)
@@ -294,7 +296,8 @@ def _report(cfg: EvaluateConfig, options, card, split, got: _Collected) -> dict:
         "data": cfg.data,
         "inference": {"tta": cfg.tta},
         "thresholds": {"segmentation": options.postprocess.seg_threshold,
-                       "detection": options.postprocess.det_threshold, "source": options.threshold_sources},
+                       "detection": options.postprocess.det_threshold,
+                       "outline_fraction": options.postprocess.outline_fraction, "source": options.threshold_sources},
         "conventions": {
             "hd95": "symmetric 95th percentile of surface distances (boundary voxels, voxel centres, mm)",
             "empty_masks": "both empty: Dice 1, HD95 0; one empty: Dice 0, HD95 inf (left out of means, counted)",

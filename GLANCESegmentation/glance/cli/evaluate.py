@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     thresholds = threshold_arguments(args)
     cfg = EvaluateConfig(args.model, args.data + [f"local:{d}" for d in args.cases], args.split, args.out,
                          args.device, args.batch, thresholds["seg_threshold"], thresholds["det_threshold"],
-                         args.bootstrap, args.max_cases, args.tta)
+                         args.bootstrap, args.max_cases, args.tta, outline_fraction=thresholds["outline_fraction"])
     emit = (lambda line: print(line, flush=True)) if args.progress_lines else None
     report = evaluate(cfg, emit)
     summary = {k: report[k] for k in ("model", "n_nodules_scored") if k in report}

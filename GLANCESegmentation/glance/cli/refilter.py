@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     base = PostprocessConfig(**{f.name: saved[f.name] for f in fields(PostprocessConfig) if f.name in saved})
     cfg = postprocess_config(args, base)
     given = threshold_arguments(args)
-    requested = frozenset(key for key, flag in (("segmentation", "seg_threshold"), ("detection", "det_threshold"))
+    requested = frozenset(key for key, flag in (("segmentation", "seg_threshold"), ("detection", "det_threshold"),
+                                                ("outline_fraction", "outline_fraction"))
                           if given[flag] is not None)
     analysis = refilter(folder, report, cfg, requested)
     n = len(analysis.nodules)

@@ -46,6 +46,9 @@ def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
                         help="nodule probability threshold (default: the model's calibrated value, else 0.5)")
     parser.add_argument("--det-threshold", type=float,
                         help="centre heatmap threshold (default: the model's calibrated value, else 0.3)")
+    parser.add_argument("--outline-fraction", type=float,
+                        help="outline each nodule at this fraction of its own peak probability, 0 = off "
+                             "(default: the model's calibrated value, else 0)")
 
 
 def add_lung_argument(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +69,10 @@ def threshold_arguments(args: argparse.Namespace) -> dict[str, float | None]:
         if value is not None and not 0.0 < value < 1.0:
             raise GlanceError(f"--{flag.replace('_', '-')} must be between 0 and 1, got {value}")
         given[flag] = value
+    fraction = args.outline_fraction
+    if fraction is not None and not 0.0 <= fraction < 1.0:
+        raise GlanceError(f"--outline-fraction must be at least 0 and below 1, got {fraction}")
+    given["outline_fraction"] = fraction
     return given
 
 

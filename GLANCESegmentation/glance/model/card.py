@@ -26,6 +26,7 @@ NOT_FOR_CLINICAL_USE = (
     "must be reviewed by a qualified radiologist."
 )
 THRESHOLD_KEYS = ("segmentation", "detection")
+OUTLINE_KEY = "outline_fraction"  # post-processing rule 9; absent = 0 (off)
 
 
 @dataclass
@@ -108,7 +109,8 @@ def uses_flip_thresholds(thresholds: dict, flips: bool) -> bool:
 
 
 def recommended_thresholds(thresholds: dict, flips: bool = False) -> dict[str, float]:
-    """The card's calibrated ``{"segmentation": p, "detection": h}`` (either may be absent). With
+    """The card's calibrated ``{"segmentation": p, "detection": h, "outline_fraction": f}`` (any may be
+    absent). With
     ``flips``, those of its ``with_flips`` entry when it has one (calibrated on flip-averaged maps).
 
     Raises ValueError for a value that is not a probability strictly between 0 and 1."""
@@ -124,6 +126,11 @@ def recommended_thresholds(thresholds: dict, flips: bool = False) -> dict[str, f
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
             raise ValueError(f"thresholds.{key} must be a number between 0 and 1, got {value!r}")
         found[key] = float(value)
+    outline = thresholds.get(OUTLINE_KEY)
+    if outline is not None:
+        if isinstance(outline, bool) or not isinstance(outline, (int, float)) or not 0.0 <= outline < 1.0:
+            raise ValueError(f"thresholds.{OUTLINE_KEY} must be a number from 0 to below 1, got {outline!r}")
+        found[OUTLINE_KEY] = float(outline)
     return found
 
 
