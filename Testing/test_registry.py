@@ -87,6 +87,9 @@ def test_thresholds_text_says_which_are_calibrated_and_how():
         "rule: segmentation: best mean per-nodule Dice; detection: highest threshold with sensitivity >= 0.9; "
         "dice_at_segmentation: (lidc:/data/val: 0.7123); n_nodules: (lidc:/data/val: 12; phantom:8: 20)"
     )
+    assert registry.thresholds_text({"segmentation": 0.05, "detection": 0.4, "outline_fraction": 0.1}) == (
+        "segmentation 0.05 (calibrated), detection 0.4 (calibrated), outline fraction 0.1 (calibrated); "
+        "calibration: not recorded")
     assert registry.thresholds_text({"detection": 0.2}) == (
         "segmentation 0.5 (engine default), detection 0.2 (calibrated); calibration: not recorded")
     assert registry.thresholds_text({"segmentation": 0.05, "detection": 0.4, "calibration": "on val",

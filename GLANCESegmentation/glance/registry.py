@@ -142,12 +142,14 @@ def card_summary(card: dict) -> list[tuple[str, str]]:
 
 def thresholds_text(thresholds: dict) -> str:
     """The thresholds a run uses with this card, whether each is calibrated, and how it was calibrated."""
-    from glance.model.card import FLIPS_KEY, THRESHOLD_KEYS, card_text, recommended_thresholds
+    from glance.model.card import FLIPS_KEY, OUTLINE_KEY, THRESHOLD_KEYS, card_text, recommended_thresholds
 
     calibrated = recommended_thresholds(thresholds)
     values = dict(zip(THRESHOLD_KEYS, operating_thresholds(thresholds)))
     text = ", ".join(f"{key} {values[key]:g} ({'calibrated' if key in calibrated else 'engine default'})"
                      for key in THRESHOLD_KEYS)
+    if calibrated.get(OUTLINE_KEY):  # rule 9; a card without it keeps the rule off, as before
+        text += f", outline fraction {calibrated[OUTLINE_KEY]:g} (calibrated)"
     how = thresholds.get("calibration")
     if how not in (None, "", {}, []):
         text += f"; calibration: {card_text(how)}"
