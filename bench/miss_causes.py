@@ -58,18 +58,6 @@ def _miss_cause(ct, prob, heat, gt_mask, cfg, lungs) -> str:
     return "post_other"
 
 
-def _as_probability(value) -> float:
-    """A map value as a probability: uint8 maps hold round(p * 255)."""
-    return float(value) / 255.0 if isinstance(value, np.integer) else float(value)
-
-
-def _size_group(diameter_mm: float) -> str:
-    for limit in (6, 10, 20):
-        if diameter_mm < limit:
-            return f"<{limit} mm"
-    return ">=20 mm"
-
-
 def _summary(rows: list[dict]) -> dict:
     found = [r for r in rows if r["cause"] == "found"]
     return {"nodules": len(rows), "found": len(found),
@@ -83,7 +71,8 @@ def main() -> None:
     from glance.infer import InferenceOptions
     from glance.pipeline import SegmentOptions, ct_lungs, load_network, nodule_labels, predict_maps
     from glance.pipeline import with_model_thresholds
-    from glance_training.evaluate import evaluation_seed, split_cases, training_seed, training_split
+    from glance.postprocess import _unit  # a map's values as probabilities, whatever its encoding
+    from glance_training.evaluate import _size_group, evaluation_seed, split_cases, training_seed, training_split
     from glance_training.metrics import score_nodules
 
     ap = argparse.ArgumentParser()
@@ -116,8 +105,8 @@ def main() -> None:
             rows.append({"case": loaded.case_id, "label": nodule.label, "kind": nodule.kind,
                          "diameter_mm": nodule.diameter_mm, "dice": score.scores.dice,
                          "volume_ratio": float((labels == score.pred_label).sum() / gt_mask.sum()) if found else 0.0,
-                         "prob_max": _as_probability(prob[gt_mask].max()),
-                         "heat_max": _as_probability(heat[gt_mask].max()),
+                         "prob_max": float(_unit(prob[gt_mask]).max()),
+                         "heat_max": float(_unit(heat[gt_mask]).max()),
                          "cause": "found" if found else _miss_cause(loaded.ct, prob, heat, gt_mask, cfg, lungs)})
         logging.getLogger("miss_causes").warning("%s: %d nodules", loaded.case_id, len(loaded.nodules))
     groups: dict[str, list[dict]] = defaultdict(list)

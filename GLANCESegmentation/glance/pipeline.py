@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from glance import __version__
 from glance.infer import CancelFn, InferenceOptions, ProgressFn
+from glance.model.card import OUTLINE_KEY
 from glance.nodule import Nodule
 from glance.postprocess import PostprocessConfig
 from glance.preprocess import FIND_LUNGS
@@ -37,6 +38,16 @@ PROB_FILE = "nodule_probability.nrrd"
 HEAT_FILE = "centre_heatmap.nrrd"
 SEG_DICOM_FILE = "nodules_seg.dcm"
 EXAMPLE_CT_FILE = "example_ct.nrrd"
+
+
+# (card / report key, SegmentOptions and PostprocessConfig field) of every calibrated post-processing value
+THRESHOLD_FIELDS = (("segmentation", "seg_threshold"), ("detection", "det_threshold"),
+                    (OUTLINE_KEY, "outline_fraction"))
+
+
+def threshold_values(cfg: PostprocessConfig) -> dict[str, float]:
+    """The calibrated values ``cfg`` runs at, by card key (what reports and exports record)."""
+    return {key: getattr(cfg, field_name) for key, field_name in THRESHOLD_FIELDS}
 
 
 @dataclass
@@ -104,16 +115,15 @@ def with_model_thresholds(options: SegmentOptions, card) -> SegmentOptions:
     """``options`` with final post-processing thresholds for ``card``'s model, and where each came from."""
     from dataclasses import replace
 
-    from glance.model.card import OUTLINE_KEY, recommended_thresholds, uses_flip_thresholds
+    from glance.model.card import recommended_thresholds, uses_flip_thresholds
 
     flips = options.inference.tta
     recommended = recommended_thresholds(card.thresholds, flips)
     calibrated = ("model card (calibrated with flips)" if uses_flip_thresholds(card.thresholds, flips)
                   else "model card (calibrated)")
     chosen, sources = {}, {}
-    for key, explicit, field_name in (("segmentation", options.seg_threshold, "seg_threshold"),
-                                      ("detection", options.det_threshold, "det_threshold"),
-                                      (OUTLINE_KEY, options.outline_fraction, "outline_fraction")):
+    for key, field_name in THRESHOLD_FIELDS:
+        explicit = getattr(options, field_name)
         if explicit is not None:
             chosen[field_name], sources[key] = float(explicit), "requested"
         elif key in recommended:
@@ -233,9 +243,7 @@ def predict_maps(ct: Volume, network, inference: InferenceOptions, progress: Pro
 def algorithm_info(name: str, version: str, cfg: PostprocessConfig):
     from glance.report import AlgorithmInfo
 
-    return AlgorithmInfo(name=name, version=version,
-                         thresholds={"segmentation": cfg.seg_threshold, "detection": cfg.det_threshold,
-                                     "outline_fraction": cfg.outline_fraction})
+    return AlgorithmInfo(name=name, version=version, thresholds=threshold_values(cfg))
 
 
 def write_result(folder: Path, analysis: Analysis, algorithm, report: dict, snapshots: bool = True) -> None:
@@ -294,10 +302,7 @@ def base_report(ct: Volume, card, folder: Path, options: SegmentOptions, device:
         "coordinate_system": "LPS (DICOM patient coordinates, mm); Slicer nodes use RAS",
         "model": {"name": card.name, "version": card.version, "folder": str(folder),
                   "weights_sha256": card.weights_sha256, "intended_use": card.intended_use},
-        "thresholds": {"segmentation": options.postprocess.seg_threshold,
-                       "detection": options.postprocess.det_threshold,
-                       "outline_fraction": options.postprocess.outline_fraction,
-                       "source": options.threshold_sources},
+        "thresholds": threshold_values(options.postprocess) | {"source": options.threshold_sources},
         "postprocess": asdict(options.postprocess),
         "device": device,
         "test_time_flips": options.inference.tta,

@@ -174,6 +174,8 @@ def find_nodules(
     cfg = cfg or PostprocessConfig()
     nodules, outside_lungs = _nodules(prob, heatmap, spacing, cfg, lungs)
     nodules = nodules[: cfg.max_nodules]
+    if cfg.outline_fraction > 0:  # rule 9, on the reported nodules only: it moves no centre and no score
+        nodules = [_outlined(n, prob, cfg.outline_fraction) for n in nodules]
     labels = np.zeros(prob.shape, dtype=np.uint16)
     candidates = []
     for label, nod in enumerate(nodules, start=1):
@@ -193,7 +195,8 @@ def candidates_for_froc(
 ) -> list[Candidate]:
     """Scored candidates for FROC: every rule of find_nodules, but a low detection
     threshold (``froc_det_threshold``) so the curve reaches many false positives
-    per scan, at most ``max_candidates``, best first. ``label`` is the rank."""
+    per scan, at most ``max_candidates``, best first. ``label`` is the rank. Rule 9 is not
+    applied: it changes outlines, not a candidate's position or score."""
     cfg = cfg or PostprocessConfig()
     low = replace(cfg, det_threshold=min(cfg.det_threshold, cfg.froc_det_threshold))
     nodules = _nodules(prob, heatmap, spacing, low, lungs)[0][: cfg.max_candidates]
@@ -350,8 +353,6 @@ def _nodules(prob, heatmap, spacing, cfg: PostprocessConfig,
         if outside:
             log.info("post-process: %d findings away from the lungs dropped", outside)
         nodules = inside
-    if cfg.outline_fraction > 0:
-        nodules = [_outlined(n, prob, cfg.outline_fraction) for n in nodules]
     nodules.sort(key=lambda n: (-n.confidence, tuple(n.seed.peak)))
     return nodules, outside
 
@@ -532,21 +533,21 @@ def _finish(part, origin, seed: _Seed, prob, spacing, cfg) -> _Nodule | None:
     return _Nodule(seed, piece_origin, piece, mean_p)
 
 
-def _peak_piece(mask: np.ndarray, prob_box: np.ndarray, fraction: float) -> tuple[np.ndarray, tuple]:
+def _peak_piece(mask: np.ndarray, prob_box: np.ndarray, fraction: float) -> np.ndarray:
     """The voxels of ``mask`` at or above ``fraction`` x its highest value of ``prob_box`` that are
-    connected to that voxel, and where the highest value lies. In the map's own encoding: for
-    uint8 (round(p * 255)) and float maps alike, raw >= f x raw_max is p >= f x p_max."""
+    connected to that voxel. In the map's own encoding: for uint8 (round(p * 255)) and float maps
+    alike, raw >= f x raw_max is p >= f x p_max."""
     values = np.where(mask, prob_box, 0)
     top = np.unravel_index(int(np.argmax(values)), values.shape)
     structure = np.ones((3,) * mask.ndim, dtype=bool)  # 26-connected in 3D
     pieces, _ = ndimage.label(mask & (values >= fraction * float(values[top])), structure=structure)
-    return pieces == pieces[top], top
+    return pieces == pieces[top]
 
 
 def _outlined(nod: _Nodule, prob: np.ndarray, fraction: float) -> _Nodule:
     """Rule 9: the nodule cut at ``fraction`` of its own peak probability, box tightened."""
     k0, j0, i0, k1, j1, i1 = nod.bbox
-    piece, _ = _peak_piece(nod.mask, prob[k0:k1, j0:j1, i0:i1], fraction)
+    piece = _peak_piece(nod.mask, prob[k0:k1, j0:j1, i0:i1], fraction)
     sl = ndimage.find_objects(piece.astype(np.uint8))[0]
     return replace(nod, origin=nod.origin + np.array([s.start for s in sl]), mask=piece[sl])
 
@@ -562,8 +563,7 @@ def outline_mask(prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
     components, _ = ndimage.label(mask, structure=np.ones((3,) * prob.ndim, dtype=bool))
     out = np.zeros_like(mask)
     for n, box in enumerate(ndimage.find_objects(components), start=1):
-        piece, _ = _peak_piece(components[box] == n, prob[box], cfg.outline_fraction)
-        out[box] |= piece
+        out[box] |= _peak_piece(components[box] == n, prob[box], cfg.outline_fraction)
     return out
 
 

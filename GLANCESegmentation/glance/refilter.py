@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 from glance.errors import InputError
-from glance.pipeline import (EXAMPLE_CT_FILE, HEAT_FILE, MAPS_DIR, PROB_FILE, Analysis, algorithm_info,
-                             analyse_maps, write_result)
+from glance.pipeline import (EXAMPLE_CT_FILE, HEAT_FILE, MAPS_DIR, PROB_FILE, THRESHOLD_FIELDS, Analysis,
+                             algorithm_info, analyse_maps, threshold_values, write_result)
 from glance.postprocess import PostprocessConfig
 from glance.volume import Volume
 
@@ -62,10 +62,8 @@ def refilter(folder: Path, report: dict, cfg: PostprocessConfig, requested: froz
     analysis = Analysis(ct, prob, heat, labels, nodules, seconds, outside_lungs=outside_lungs)
     model = report.get("model", {})
     before = (report.get("thresholds") or {}).get("source") or {}
-    sources = {key: "requested" if key in requested else before.get(key, "unknown")
-               for key in ("segmentation", "detection", "outline_fraction")}
-    report.update({"thresholds": {"segmentation": cfg.seg_threshold, "detection": cfg.det_threshold,
-                                  "outline_fraction": cfg.outline_fraction, "source": sources},
+    sources = {key: "requested" if key in requested else before.get(key, "unknown") for key, _ in THRESHOLD_FIELDS}
+    report.update({"thresholds": threshold_values(cfg) | {"source": sources},
                    "postprocess": cfg.__dict__.copy(), "refiltered": True})
     with OutputFolder(folder, force=True) as tmp:
         for keep in ("example_ct.nrrd", "example_ground_truth.json"):

@@ -287,6 +287,7 @@ def reported_outcome(reported, references, excluded) -> dict:
 
 
 def _report(cfg: EvaluateConfig, options, card, split, got: _Collected) -> dict:
+    from glance.pipeline import threshold_values
     from glance_training.froc import evaluate_froc, plot_froc
 
     report = {
@@ -295,9 +296,7 @@ def _report(cfg: EvaluateConfig, options, card, split, got: _Collected) -> dict:
                   "held_out": split.held_out},
         "data": cfg.data,
         "inference": {"tta": cfg.tta},
-        "thresholds": {"segmentation": options.postprocess.seg_threshold,
-                       "detection": options.postprocess.det_threshold,
-                       "outline_fraction": options.postprocess.outline_fraction, "source": options.threshold_sources},
+        "thresholds": threshold_values(options.postprocess) | {"source": options.threshold_sources},
         "conventions": {
             "hd95": "symmetric 95th percentile of surface distances (boundary voxels, voxel centres, mm)",
             "empty_masks": "both empty: Dice 1, HD95 0; one empty: Dice 0, HD95 inf (left out of means, counted)",

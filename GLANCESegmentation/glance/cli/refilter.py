@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from glance.errors import InputError
-    from glance.pipeline import REPORT_FILE
+    from glance.pipeline import REPORT_FILE, THRESHOLD_FIELDS
     from glance.postprocess import PostprocessConfig
     from glance.refilter import refilter
 
@@ -33,9 +33,7 @@ def run(args: argparse.Namespace) -> int:
     base = PostprocessConfig(**{f.name: saved[f.name] for f in fields(PostprocessConfig) if f.name in saved})
     cfg = postprocess_config(args, base)
     given = threshold_arguments(args)
-    requested = frozenset(key for key, flag in (("segmentation", "seg_threshold"), ("detection", "det_threshold"),
-                                                ("outline_fraction", "outline_fraction"))
-                          if given[flag] is not None)
+    requested = frozenset(key for key, flag in THRESHOLD_FIELDS if given[flag] is not None)
     analysis = refilter(folder, report, cfg, requested)
     n = len(analysis.nodules)
     print(f"{n} nodule{'s' if n != 1 else ''} at segmentation threshold {cfg.seg_threshold}, "

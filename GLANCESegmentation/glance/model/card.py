@@ -110,8 +110,8 @@ def uses_flip_thresholds(thresholds: dict, flips: bool) -> bool:
 
 def recommended_thresholds(thresholds: dict, flips: bool = False) -> dict[str, float]:
     """The card's calibrated ``{"segmentation": p, "detection": h, "outline_fraction": f}`` (any may be
-    absent). With
-    ``flips``, those of its ``with_flips`` entry when it has one (calibrated on flip-averaged maps).
+    absent). With ``flips``, those of its ``with_flips`` entry when it has one (calibrated on
+    flip-averaged maps).
 
     Raises ValueError for a value that is not a probability strictly between 0 and 1."""
     if not isinstance(thresholds, dict):
