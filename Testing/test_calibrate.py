@@ -286,3 +286,21 @@ def test_false_positive_budget_edges():
     assert _lowest_within_fp_budget([noisy], grid, 1.0) == 0.3  # never within: the highest
     quiet = SourceCurves("w", True, fp_per_scan={0.1: 1.0, 0.2: 0.0, 0.3: 0.0})
     assert _lowest_within_fp_budget([noisy, quiet], grid, 3.0) == 0.2  # mean (5 + 0) / 2 = 2.5
+
+
+def test_froc_inputs_score_candidates_by_a_field_or_a_callable():
+    from glance.postprocess import PostprocessConfig
+    from glance_training.evaluate import froc_inputs
+
+    case = _volume_case()
+    cfg = PostprocessConfig(seg_threshold=0.5, froc_det_threshold=0.3, require_lung_contact=False)
+
+    def scores(score):
+        cands, refs, excluded = froc_inputs(case.loaded, case.prob, case.heat, cfg, score=score, lungs=None)
+        assert len(refs) == 1 and excluded == []
+        return sorted(round(c.score, 3) for c in cands)
+
+    # the nodule (peak 0.80) and the look-alike (peak 0.40), both of mean probability 0.60 (153/255)
+    assert scores("detection_score") == [0.4, 0.8]
+    assert scores("confidence") == [0.24, 0.48]
+    assert scores(lambda c: 1.0 - c.detection_score) == [0.2, 0.6]

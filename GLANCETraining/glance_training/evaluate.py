@@ -28,7 +28,9 @@ import csv
 import io
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
@@ -108,11 +110,12 @@ def _crop_prediction(loaded, network, options) -> np.ndarray:
     return outline_mask(prob, options.postprocess)
 
 
-def froc_inputs(loaded, prob, heatmap, cfg, score: str = "confidence", lungs=FIND_LUNGS):
+def froc_inputs(loaded, prob, heatmap, cfg, score: str | Callable = "confidence", lungs=FIND_LUNGS):
     """(candidates, reference nodules, excluded findings) of one scan, all in LPS mm. ``prob`` and
     ``heatmap`` lie on ``loaded.ct``'s grid; candidates are scored by their ``score`` field
-    (``confidence``, as the FROC ranks them, or ``detection_score``, the heatmap peak). ``lungs``:
-    the scan's lungs (``glance.pipeline.ct_lungs``) when known, else found here."""
+    (``confidence``, as the FROC ranks them, or ``detection_score``, the heatmap peak) or by
+    ``score(candidate)`` (another ranking to compare). ``lungs``: the scan's lungs
+    (``glance.pipeline.ct_lungs``) when known, else found here."""
     from glance.pipeline import canonical_volume, lungs_for
     from glance.postprocess import candidates_for_froc
     from glance_training.froc import Candidate
@@ -121,7 +124,8 @@ def froc_inputs(loaded, prob, heatmap, cfg, score: str = "confidence", lungs=FIN
     spacing = tuple(grid.canonical_spacing)
     found = candidates_for_froc(grid.to_canonical(prob), grid.to_canonical(heatmap), spacing, cfg,
                                 lungs_for(canon.array, spacing, cfg, lungs))
-    cands = [Candidate(tuple(canon.ijk_to_lps(np.asarray(c.position_index)[::-1])), getattr(c, score))
+    score_of = score if callable(score) else attrgetter(score)
+    cands = [Candidate(tuple(canon.ijk_to_lps(np.asarray(c.position_index)[::-1])), float(score_of(c)))
              for c in found]
     return (cands, *reference_findings(loaded))
 

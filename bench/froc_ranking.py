@@ -1,0 +1,74 @@
+"""How the candidates' ranking score changes the FROC, on the model's validation phantoms.
+
+    python bench/froc_ranking.py [--model glance-small] [--phantoms 128] [--tta] [--max-cases N]
+                                 [--out bench/results/froc_ranking[-tta].json]
+
+Which nodules ``glance segment`` reports depends only on its thresholds; the FROC (and CPM) depends on
+how the candidates are ranked. This scores the same candidates of the validation phantoms of the
+model's own split (``phantom:N``, as ``glance calibrate`` uses them; never test data) under each
+ranking below, at the model card's thresholds (``--tta``: flip-averaged maps and the card's
+``with_flips`` thresholds), and prints CPM with its bootstrap 95 % interval and the sensitivity at
+each FP rate. Writes the JSON (bench/results/ is git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RANKINGS = {
+    "heatmap peak": lambda c: c.detection_score,
+    "heatmap peak x mean probability": lambda c: c.detection_score * c.mean_probability,
+    "mean probability": lambda c: c.mean_probability,
+}
+
+
+def main() -> None:
+    from glance.infer import InferenceOptions
+    from glance.pipeline import SegmentOptions, ct_lungs, load_network, predict_maps, with_model_thresholds
+    from glance_training.evaluate import froc_inputs, split_cases, training_seed, training_split
+    from glance_training.froc import evaluate_froc
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="glance-small")
+    ap.add_argument("--phantoms", type=int, default=128)
+    ap.add_argument("--tta", action="store_true")
+    ap.add_argument("--max-cases", type=int, default=0)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    options = SegmentOptions(model=args.model, inference=InferenceOptions("cpu", 8, tta=args.tta))
+    network = load_network(options)
+    cfg = with_model_thresholds(options, network[1]).postprocess
+    _, cases = split_cases(f"phantom:{args.phantoms}", "val", args.max_cases, training_split(network[1]),
+                           training_seed(network[1]))
+    candidates: dict[str, dict] = {name: {} for name in RANKINGS}
+    nodules, excluded = {}, {}
+    for case in cases:
+        loaded = case.load()
+        prob, heat, _, _ = predict_maps(loaded.ct, network, options.inference)
+        lungs = ct_lungs(loaded.ct)
+        for name, rank in RANKINGS.items():
+            found, nodules[loaded.case_id], excluded[loaded.case_id] = froc_inputs(
+                loaded, prob, heat, cfg, score=rank, lungs=lungs)
+            candidates[name][loaded.case_id] = found
+    scans = sorted(nodules)
+    result = {"model": args.model, "tta": args.tta, "split": "val", "scans": len(scans),
+              "thresholds": [cfg.seg_threshold, cfg.det_threshold], "rankings": {}}
+    for name in RANKINGS:
+        froc = evaluate_froc(candidates[name], nodules, excluded, scans=scans)
+        result["rankings"][name] = {
+            "cpm": froc.cpm, "cpm_ci": froc.cpm_ci, "n_nodules": froc.n_nodules,
+            "sensitivity": {f"{p.fp_per_scan:g}": p.sensitivity for p in froc.operating_points}}
+    out = args.out or ROOT / "bench" / "results" / f"froc_ranking{'-tta' if args.tta else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
