@@ -42,6 +42,19 @@ def test_heatmap_peak_and_value_at_sigma():
     assert heatmap_sigma(torch.tensor([3.0, 12.0, 30.0])).tolist() == pytest.approx([1.0, 2.0, 5.0])
 
 
+def test_a_wider_sigma_floor_widens_only_the_small_nodules_peaks():
+    labels = np.zeros((24, 24), np.int64)
+    labels[5, 5] = 1  # one pixel: equivalent diameter 1.13 px, sigma at the floor
+    labels[12:24, 12:24] = 2  # 12 x 12 px: equivalent diameter 13.5 px, sigma 2.26 px
+    sharp, wide = make_targets(labels).heatmap[0, 0], make_targets(labels, min_sigma_px=2.0).heatmap[0, 0]
+    assert sharp[5, 6].item() == pytest.approx(math.exp(-1 / 2), abs=1e-6)
+    assert wide[5, 6].item() == pytest.approx(math.exp(-1 / 8), abs=1e-6)
+    assert sharp[5, 5].item() == wide[5, 5].item() == 1.0
+    assert torch.equal(sharp[14:, 14:], wide[14:, 14:])  # the large nodule's sigma is above both floors
+    with pytest.raises(ValueError, match="sigma"):
+        heatmap_sigma(torch.tensor([3.0]), 0.0)
+
+
 def test_heatmap_subpixel_centre_rounds_to_a_peak_of_one():
     hm = center_heatmap(np.array([[7.4, 3.6]]), np.array([6.0]), (16, 16))
     assert hm[7, 4].item() == 1.0

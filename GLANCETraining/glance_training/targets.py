@@ -7,7 +7,9 @@ centroid", CenterNet-style):
   pixel, so the peak is exactly 1.0 on that pixel (the focal loss counts pixels == 1 as
   peaks);
 * sigma = max(1, diameter_px / 6) pixels: about 99 % of the Gaussian's mass lies within
-  3 sigma = the nodule radius, and a micronodule still gets a few positive-ish pixels;
+  3 sigma = the nodule radius, and a micronodule still gets a few positive-ish pixels
+  (the floor is ``min_sigma_px``, a training option: a wider floor spares a small nodule's
+  neighbouring pixels the focal loss's negative penalty);
 * diameter_px = the equivalent-circle diameter 2*sqrt(area/pi) of the cross-section unless
   the caller passes the nodule's own diameter (e.g. the annotated 3-D diameter);
 * overlapping Gaussians combine by element-wise max (not sum), so values stay in [0, 1].
@@ -39,9 +41,11 @@ class SliceTargets:
     heatmap: torch.Tensor  # centre heatmap in [0, 1], peaks exactly 1
 
 
-def heatmap_sigma(diameter_px: torch.Tensor) -> torch.Tensor:
+def heatmap_sigma(diameter_px: torch.Tensor, min_sigma_px: float = MIN_SIGMA_PX) -> torch.Tensor:
     """Gaussian sigma (pixels) for nodules of the given diameters (pixels)."""
-    return torch.clamp(diameter_px * SIGMA_PER_DIAMETER, min=MIN_SIGMA_PX)
+    if not min_sigma_px > 0:
+        raise ValueError(f"the heatmap's minimum sigma must be positive, got {min_sigma_px}")
+    return torch.clamp(diameter_px * SIGMA_PER_DIAMETER, min=min_sigma_px)
 
 
 def _gaussians(centres: torch.Tensor, sigma: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -111,6 +115,7 @@ def make_targets(
     labels: torch.Tensor | np.ndarray,
     diameter_px: torch.Tensor | np.ndarray | None = None,
     device: torch.device | str | None = None,
+    min_sigma_px: float = MIN_SIGMA_PX,
 ) -> SliceTargets:
     """Mask and heatmap targets from instance label maps.
 
@@ -118,7 +123,7 @@ def make_targets(
     nodule; a binary mask holding several nodules must be split first, e.g. with
     ``scipy.ndimage.label``). ``diameter_px``: optional nodule diameters in pixels indexed by
     label value, [L] for every sample or [B, L]; default: each cross-section's
-    equivalent-circle diameter.
+    equivalent-circle diameter. ``min_sigma_px``: the Gaussians' smallest sigma.
     """
     lab = _tensor(labels, device)
     if lab.ndim == 2:
@@ -135,7 +140,7 @@ def make_targets(
         diam = table[inst.batch_index, inst.label]
     heatmap = torch.zeros(b, h, w, dtype=torch.float32, device=lab.device)
     if inst.label.numel():
-        gauss = _gaussians(torch.round(inst.centre), heatmap_sigma(diam), (h, w))
+        gauss = _gaussians(torch.round(inst.centre), heatmap_sigma(diam, min_sigma_px), (h, w))
         index = inst.batch_index[:, None].expand(-1, h * w)
         heatmap.view(b, h * w).scatter_reduce_(0, index, gauss.view(-1, h * w), reduce="amax")
     mask = (lab > 0).to(torch.float32)

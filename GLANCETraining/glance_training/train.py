@@ -57,6 +57,9 @@ class TrainConfig:
     # Dice over the whole batch (eq. 10 summed over samples): nodule-free patches then do not
     # each pull every pixel to zero, which otherwise stalls learning on 2 % foreground.
     batch_dice: bool = True
+    # Floor of the heatmap Gaussians' sigma (pixels of the model's input): 1 keeps a micronodule's
+    # peak one pixel sharp; wider lets the network answer a small nodule with a broader peak.
+    heatmap_min_sigma_px: float = 1.0
     # After registration, choose the model's default thresholds on the validation patients
     # (glance_training.calibrate) and store them in its card.
     calibrate: bool = True
@@ -152,7 +155,8 @@ class Trainer:
         # Every case stays cached once loaded: generated phantoms are the costly ones to rebuild.
         self.sampling = SliceSamplingConfig(pixel_spacing_mm=cfg.pixel_spacing_mm,
                                             context_slices=cfg.context_slices, positive_prob=cfg.positive_prob,
-                                            samples_per_case=cfg.samples_per_case, cache_cases=cfg.cache_cases)
+                                            samples_per_case=cfg.samples_per_case, cache_cases=cfg.cache_cases,
+                                            heatmap_min_sigma_px=cfg.heatmap_min_sigma_px)
         self.model, self.base_card = self._initial_model(build_model, config_for)
         self.model.to(self.device)
         self.loss_fn = GlanceLoss(LossConfig(batch_dice=cfg.batch_dice))

@@ -73,6 +73,7 @@ class SliceSamplingConfig:
     elastic_magnitude_px: tuple[float, float] = (0.0, 2.0)  # mild: at most ~2 px displacement
     seed: int = 0
     cache_cases: int = 2
+    heatmap_min_sigma_px: float = 1.0  # floor of the centre Gaussians' sigma (glance_training.targets)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.positive_prob <= 1.0:
@@ -346,7 +347,8 @@ class SliceDataset(torch.utils.data.Dataset):
         # One instance map for the heatmap: masked nodules keep their values, centre-only
         # discs are numbered after them so components never merge.
         instances = np.where(pseudo > 0, pseudo + real.max(), real)
-        heatmap = make_targets(torch.from_numpy(instances)).heatmap[0]
+        heatmap = make_targets(torch.from_numpy(instances),
+                               min_sigma_px=self.config.heatmap_min_sigma_px).heatmap[0]
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "mask": torch.from_numpy((real > 0).astype(np.float32))[None],
