@@ -237,19 +237,23 @@ def test_evaluation_splits_partition_the_patients_as_training_did():
 
 def test_split_train_scores_the_phantoms_the_run_trained_on():
     """Phantoms are their own patients: --split train scores the training run's own training phantoms
-    (as for patients); val, test and all score phantoms of an offset seed, never trained on."""
+    (as for patients), --split val its validation phantoms (those calibration chose thresholds on);
+    test and all score phantoms of an offset seed, never trained or calibrated on."""
     from glance.model.card import ModelCard
     from glance_training.data import DataSpec, load_source
     from glance_training.datasets import SplitConfig, split_source
     from glance_training.evaluate import EVALUATION_SEED_OFFSET, evaluation_seed, split_cases
 
     card = ModelCard("m", "1.0.0", config={}, training={"config": {"seed": 3}})
-    assert evaluation_seed(card, "train") == 3
-    assert {evaluation_seed(card, w) for w in ("val", "test", "all")} == {3 + EVALUATION_SEED_OFFSET}
+    assert evaluation_seed(card, "train") == evaluation_seed(card, "val") == 3
+    assert {evaluation_seed(card, w) for w in ("test", "all")} == {3 + EVALUATION_SEED_OFFSET}
     split = SplitConfig(seed=3)
     trained = split_source(load_source(DataSpec.parse("phantom:20"), 3), split)["train"]
     scored = split_cases("phantom:20", "train", 0, split, evaluation_seed(card, "train"))[1]
     assert [c.case_id for c in scored] == [c.case_id for c in trained] and scored
+    calibrated = split_source(load_source(DataSpec.parse("phantom:20"), 3), split)["val"]
+    validated = split_cases("phantom:20", "val", 0, split, evaluation_seed(card, "val"))[1]
+    assert [c.case_id for c in validated] == [c.case_id for c in calibrated] and validated
     unseen = split_cases("phantom:20", "all", 0, split, evaluation_seed(card, "all"))[1]
     assert not {c.case_id for c in unseen} & {c.case_id for c in load_source(DataSpec.parse("phantom:20"), 3)}
 

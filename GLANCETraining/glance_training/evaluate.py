@@ -80,11 +80,13 @@ def training_seed(card) -> int:
 
 
 def evaluation_seed(card, which: str) -> int:
-    """The seed an evaluation loads its sources with (it decides the phantoms). ``--split train`` takes
-    the training seed, so that it scores the phantoms the model trained on, as it scores the patients it
-    trained on; any other split takes the seed + EVALUATION_SEED_OFFSET: phantoms never trained on."""
+    """The seed an evaluation loads its sources with (it decides the phantoms). ``--split train`` and
+    ``--split val`` take the training seed, so that they score the model's own training and validation
+    phantoms (those ``glance calibrate`` chose its thresholds on), as they score its own training and
+    validation patients; ``test`` and ``all`` take the seed + EVALUATION_SEED_OFFSET: phantoms that no
+    training or calibration of the model has seen."""
     seed = training_seed(card)
-    return seed if which == "train" else seed + EVALUATION_SEED_OFFSET
+    return seed if which in ("train", "val") else seed + EVALUATION_SEED_OFFSET
 
 
 def split_cases(spec_text: str, which: str, max_cases: int, split, seed: int):
