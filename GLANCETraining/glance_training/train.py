@@ -413,6 +413,7 @@ def out_version(name: str, base_card=None) -> str:
 
 def register(trainer: Trainer, out: Path | None = None) -> Path:
     """Save the trained network as a new model version (never over an existing one)."""
+    from glance.model.card import provenance
     from glance.model.weights import ModelCard, Preprocessing, save_model
     from glance.registry import next_version_dir
     from glance_training.data import describe
@@ -436,8 +437,7 @@ def register(trainer: Trainer, out: Path | None = None) -> Path:
                                  if trainer.base_card else None),
                   "split": "by patient (SHA-256 of seed:patient_id); held-out patients never trained on"},
         metrics={"validation_slice_dice": last.val_dice if last else None},
-        provenance={"glance_version": __import__("glance").__version__, "torch": torch.__version__,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        provenance=provenance(),
     )
     folder = save_model(trainer.model, out, card)
     if cfg.calibrate:

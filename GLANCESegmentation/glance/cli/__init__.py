@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("glance.cli.train", "train or fine-tune a model"),
     "evaluate": ("glance.cli.evaluate", "score a model on labelled data"),
     "calibrate": ("glance.cli.calibrate", "choose a model's default thresholds on validation data"),
+    "average": ("glance.cli.average", "average the weights of several runs into one model"),
     "bench": ("glance.cli.bench", "time each stage of segmentation"),
 }
 

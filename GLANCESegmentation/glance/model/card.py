@@ -91,6 +91,18 @@ def read_card(directory: str | Path) -> ModelCard:
     return card
 
 
+def provenance(**extra) -> dict:
+    """The provenance block of a card written now: package versions and the UTC time."""
+    import time
+
+    import torch
+
+    import glance
+
+    return {"glance_version": glance.__version__, "torch": torch.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
+
+
 def write_card(directory: str | Path, card: ModelCard) -> Path:
     """Write ``card`` as the ``card.json`` of ``directory``, atomically (a reader never sees half a card)."""
     from glance.io.atomic import atomic_write_text
