@@ -213,3 +213,24 @@ def test_evaluation_separates_missed_nodules_from_outline_quality():
     assert summaries["segmentation_per_found_nodule"]["dice"]["mean"] == pytest.approx((2 / 3 + 1) / 2)
     assert summaries["segmentation_per_found_nodule"]["dice"]["n"] == 2
     assert summaries["segmentation_per_case"]["dice"]["mean"] == pytest.approx(((2 / 3 + 0) / 2 + 1) / 2)
+    # Resampling the two patients: a+a gives 1/3, b+b gives 1, a+b 5/9; the 2.5 and 97.5 percentiles
+    # of 2,000 resamples are the two extremes.
+    ci = summaries["dice_per_nodule_ci95"]
+    assert (ci["low"], ci["high"], ci["n_patients"]) == (pytest.approx(1 / 3), pytest.approx(1.0), 2)
+    assert [r["patient"] for r in got.rows] == ["a", "a", "b"]  # no patient given: each case is its own
+
+
+def test_bootstrap_interval_resamples_whole_patients():
+    from glance_training.metrics import bootstrap_mean_ci
+
+    values = [0.0] * 10 + [1.0] * 10
+    by_patient = bootstrap_mean_ci(values, ["A"] * 10 + ["B"] * 10)
+    by_value = bootstrap_mean_ci(values, range(20))
+    assert by_patient == (0.0, 1.0)  # two patients: A+A, B+B and A+B are all drawn
+    assert 0.25 <= by_value[0] < 0.5 < by_value[1] <= 0.75  # 20 independent values: far narrower
+    assert bootstrap_mean_ci([0.4, 0.8, math.nan], ["p", "p", "q"]) == (pytest.approx(0.6), pytest.approx(0.6))
+    assert bootstrap_mean_ci([0.3] * 5, range(5)) == (pytest.approx(0.3), pytest.approx(0.3))
+    assert all(math.isnan(v) for v in bootstrap_mean_ci([math.nan], ["p"]))
+    assert bootstrap_mean_ci(values, range(20), seed=3) == bootstrap_mean_ci(values, range(20), seed=3)
+    with pytest.raises(ValueError, match="groups"):
+        bootstrap_mean_ci([0.5, 0.5], ["p"])

@@ -87,17 +87,20 @@ def main() -> None:
         "full_scans": EvaluateConfig(str(folder), [f"lidc:{DATA / 'LIDC-IDRI-0001'}", f"lidc:{DATA / 'scans'}"],
                                      "test", str(out / "full_scans"), tta=args.tta),
         # Phantom seeds are offset from the training seed inside evaluate(): never trained on.
-        "phantoms": EvaluateConfig(str(folder), [f"phantom:{args.phantoms}"], "all", str(out / "phantoms"), tta=args.tta),
+        "phantoms": EvaluateConfig(str(folder), [f"phantom:{args.phantoms}"], "all", str(out / "phantoms"),
+                                   tta=args.tta),
     }
     results = {name: evaluate(cfg) for name, cfg in runs.items()}
     summary = {
         "thresholds": results["full_scans"]["thresholds"],
         "test_time_flips": args.tta,
         "crops_dice_per_nodule": results["crops"]["segmentation_per_nodule"]["dice"],
+        "crops_dice_ci95_by_patient": results["crops"]["dice_per_nodule_ci95"],
         "crops_n": results["crops"]["n_nodules_scored"],
         "crops_n_missed": results["crops"]["n_nodules_missed"],
         "crops_by_size": results["crops"]["by_size"],
         "crops_interior_dice_per_nodule": results["crops_interior"]["segmentation_per_nodule"]["dice"],
+        "crops_interior_dice_ci95_by_patient": results["crops_interior"]["dice_per_nodule_ci95"],
         "crops_interior_n_missed": results["crops_interior"]["n_nodules_missed"],
         "full_scans": {
             "detection_cpm": results["full_scans"]["detection"]["cpm"],
@@ -109,6 +112,7 @@ def main() -> None:
         },
         "phantoms": {
             "dice_per_nodule": results["phantoms"]["segmentation_per_nodule"]["dice"],
+            "dice_ci95_by_phantom": results["phantoms"]["dice_per_nodule_ci95"],
             "dice_per_found_nodule": results["phantoms"]["segmentation_per_found_nodule"]["dice"],
             "n_missed_at_default_thresholds": results["phantoms"]["n_nodules_missed"],
             "by_size": results["phantoms"]["by_size"],

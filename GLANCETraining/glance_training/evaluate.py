@@ -153,8 +153,10 @@ class _Collected:
     reported: dict = field(default_factory=dict)  # scan -> the nodules the pipeline reports, as candidates
 
 
-def _score(collected: _Collected, case_id: str, source: str, pred, gt, spacing_kji, annotations=()) -> None:
-    """Score one case; ``annotations`` (its findings) give each labelled nodule its diameter and kind."""
+def _score(collected: _Collected, case_id: str, source: str, pred, gt, spacing_kji, annotations=(),
+           patient: str = "") -> None:
+    """Score one case; ``annotations`` (its findings) give each labelled nodule its diameter and kind;
+    ``patient`` (default: the case) groups cases for the bootstrap interval."""
     from glance_training.metrics import score_nodules
 
     if gt is None:
@@ -164,10 +166,13 @@ def _score(collected: _Collected, case_id: str, source: str, pred, gt, spacing_k
     by_label = {a.label: a for a in annotations if a.label}
     for s in scores:
         a = by_label.get(s.gt_label)
-        collected.rows.append({"case": case_id, "source": source, "gt_label": s.gt_label,
+        collected.rows.append({"case": case_id, "patient": patient or case_id, "source": source,
+                               "gt_label": s.gt_label,
                                "diameter_mm": a.diameter_mm if a else math.nan, "kind": a.kind if a else "",
                                "pred_label": s.pred_label, **asdict(s.scores)})
 
+
+DICE_CI_BOOTSTRAP = 2000  # resamples of the patients for the interval of the mean per-nodule Dice
 
 # Lung-RADS solid-nodule size steps (mm): the sizes at which a reader's management changes.
 SIZE_EDGES_MM = (6.0, 8.0, 15.0)
@@ -229,11 +234,12 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
             spacing_kji = tuple(reversed(loaded.ct.spacing))
             if spec.kind in CROP_KINDS:
                 _score(got, loaded.case_id, spec.kind, _crop_prediction(loaded, network, options),
-                       loaded.labels, spacing_kji, loaded.nodules)
+                       loaded.labels, spacing_kji, loaded.nodules, loaded.patient_id)
             else:
                 lungs = ct_lungs(loaded.ct, options.postprocess)
                 analysis = segment_volume(loaded.ct, network, options, lungs=lungs)
-                _score(got, loaded.case_id, spec.kind, analysis.labels, loaded.labels, spacing_kji, loaded.nodules)
+                _score(got, loaded.case_id, spec.kind, analysis.labels, loaded.labels, spacing_kji, loaded.nodules,
+                       loaded.patient_id)
                 cands, refs, excl = froc_inputs(loaded, analysis.prob, analysis.heatmap, options.postprocess,
                                                 lungs=lungs)
                 got.scans.append(loaded.case_id)
@@ -250,11 +256,17 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
 def segmentation_summaries(got: _Collected) -> dict:
     """Per nodule (a missed nodule scores Dice 0), per case, and per found nodule: the outline
     quality of the nodules the pipeline reports, apart from the ones it misses."""
-    from glance_training.metrics import METRIC_NAMES, SegmentationScores, summarize, summarize_cases
+    from glance_training.metrics import (METRIC_NAMES, SegmentationScores, bootstrap_mean_ci, summarize,
+                                         summarize_cases)
 
     found = [SegmentationScores(**{m: r[m] for m in METRIC_NAMES}) for r in got.rows if r["pred_label"]]
+    low, high = bootstrap_mean_ci([r["dice"] for r in got.rows], [r["patient"] for r in got.rows],
+                                  DICE_CI_BOOTSTRAP)
     return {
         "segmentation_per_nodule": summarize(s for v in got.per_case.values() for s in v).to_dict(),
+        "dice_per_nodule_ci95": {"low": low, "high": high, "resampled": "patients",
+                                 "n_patients": len({r["patient"] for r in got.rows}),
+                                 "n_bootstrap": DICE_CI_BOOTSTRAP, "seed": 0},
         "segmentation_per_case": summarize_cases(got.per_case).to_dict(),
         "segmentation_per_found_nodule": summarize(found).to_dict(),
         "n_nodules_missed": len(got.rows) - len(found),

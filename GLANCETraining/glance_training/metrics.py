@@ -225,6 +225,29 @@ def summarize_values(values: Iterable[float]) -> MetricSummary:
     return MetricSummary(float(finite.mean()), float(np.median(finite)), std, n, int(arr.size - n))
 
 
+def bootstrap_mean_ci(values: Sequence[float], groups: Sequence, n_bootstrap: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of the finite ``values``, resampling whole ``groups``
+    (patients) with replacement: a patient's nodules, and one nodule's crops from several readers, are
+    not independent, so resampling single values would give too narrow an interval. Each resample's
+    mean weighs every value the same, as the mean itself does. (NaN, NaN) without finite values."""
+    vals = np.asarray(values, dtype=np.float64)
+    keys = np.asarray([str(g) for g in groups])
+    if vals.shape != keys.shape:
+        raise ValueError(f"{vals.size} values but {keys.size} groups")
+    finite = np.isfinite(vals)
+    if not finite.any():
+        return math.nan, math.nan
+    _, group = np.unique(keys[finite], return_inverse=True)
+    sums = np.bincount(group, weights=vals[finite])
+    counts = np.bincount(group).astype(np.float64)
+    picks = np.random.default_rng(seed).integers(0, sums.size, size=(n_bootstrap, sums.size))
+    means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    tail = 50.0 * (1.0 - level)
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
 def summarize(scores: Iterable[SegmentationScores]) -> SegmentationSummary:
     """Per-nodule summary: every nodule weighs the same."""
     scores = list(scores)
