@@ -215,5 +215,7 @@ def test_invalid_configs_are_refused():
         SliceSamplingConfig(positive_prob=1.5)
     with pytest.raises(ValueError):
         SliceSamplingConfig(context_slices=-1)
+    with pytest.raises(ValueError, match="heatmap_min_sigma_px"):
+        SliceSamplingConfig(heatmap_min_sigma_px=0.0)
     with pytest.raises(ValueError):
         SliceDataset(CaseList("empty", []), config())

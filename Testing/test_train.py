@@ -176,6 +176,18 @@ def test_cli_train_bad_arguments_are_one_line(argv, message, capsys):
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_cli_train_refuses_a_non_positive_heatmap_sigma_floor_in_one_line(tmp_path, capsys):
+    import json
+
+    from glance.cli import main
+
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"data": [f"maxslice:{CROPS}"], "heatmap_min_sigma_px": 0}))
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "heatmap_min_sigma_px must be positive" in err and len(err.splitlines()) == 1
+
+
 def test_distributed_training_on_two_cpu_processes(tmp_path):
     """torchrun with two processes on the gloo backend trains and registers one model."""
     env = {**os.environ, "GLANCE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}

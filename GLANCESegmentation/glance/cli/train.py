@@ -48,6 +48,8 @@ def _check(cfg) -> None:
     for name in ("epochs", "steps_per_epoch", "batch"):
         if getattr(cfg, name) < 1:
             raise GlanceError(f"--{name.replace('_', '-')} must be at least 1")
+    if not cfg.heatmap_min_sigma_px > 0:
+        raise GlanceError(f"heatmap_min_sigma_px must be positive, got {cfg.heatmap_min_sigma_px}")
 
 
 def run(args: argparse.Namespace) -> int:

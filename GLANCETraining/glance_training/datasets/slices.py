@@ -80,6 +80,8 @@ class SliceSamplingConfig:
             raise ValueError(f"positive_prob must be in [0, 1], got {self.positive_prob}")
         if self.patch_size < 8 or self.context_slices < 0 or self.pixel_spacing_mm <= 0:
             raise ValueError("patch_size >= 8, context_slices >= 0 and pixel_spacing_mm > 0 are required")
+        if not self.heatmap_min_sigma_px > 0:
+            raise ValueError(f"heatmap_min_sigma_px must be positive, got {self.heatmap_min_sigma_px}")
 
     @property
     def channels(self) -> int:
