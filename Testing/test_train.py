@@ -176,16 +176,20 @@ def test_cli_train_bad_arguments_are_one_line(argv, message, capsys):
     assert message in err and len(err.splitlines()) == 1
 
 
-def test_cli_train_refuses_a_non_positive_heatmap_sigma_floor_in_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("field, value, message", [
+    ("heatmap_min_sigma_px", 0, "heatmap_min_sigma_px must be positive"),
+    ("positive_prob", 1.5, "positive_prob must be in [0, 1]"),  # a traceback before session 10
+])
+def test_cli_train_refuses_sampler_fields_out_of_range_in_one_line(tmp_path, capsys, field, value, message):
     import json
 
     from glance.cli import main
 
     config = tmp_path / "bad.json"
-    config.write_text(json.dumps({"data": [f"maxslice:{CROPS}"], "heatmap_min_sigma_px": 0}))
+    config.write_text(json.dumps({"data": [f"maxslice:{CROPS}"], field: value}))
     assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "heatmap_min_sigma_px must be positive" in err and len(err.splitlines()) == 1
+    assert message in err and len(err.splitlines()) == 1
 
 
 def test_distributed_training_on_two_cpu_processes(tmp_path):

@@ -137,11 +137,24 @@ class EpochRecord:
     seconds: float
 
 
+def sampling_config(cfg: TrainConfig):
+    """The sampler's config for ``cfg``; a field out of range is one GlanceError, not a traceback.
+    (Every case stays cached once loaded: generated phantoms are the costly ones to rebuild.)"""
+    from glance_training.datasets import SliceSamplingConfig
+
+    try:
+        return SliceSamplingConfig(pixel_spacing_mm=cfg.pixel_spacing_mm, context_slices=cfg.context_slices,
+                                   positive_prob=cfg.positive_prob, samples_per_case=cfg.samples_per_case,
+                                   cache_cases=cfg.cache_cases, heatmap_min_sigma_px=cfg.heatmap_min_sigma_px)
+    except ValueError as exc:
+        raise GlanceError(f"training config: {exc}") from None
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, progress: Callable[[str], None] | None = None):
         from glance.model import build_model, config_for
         from glance_training.data import build_groups
-        from glance_training.datasets import SliceSamplingConfig, SplitConfig
+        from glance_training.datasets import SplitConfig
         from glance_training.losses import GlanceLoss, LossConfig
 
         self.cfg = cfg
@@ -152,11 +165,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         split = SplitConfig(cfg.split, cfg.seed, cfg.held_out)
         self.groups = build_groups(cfg.data, cfg.seed, split, cfg.patch_size, cfg.crop_patch_size)
-        # Every case stays cached once loaded: generated phantoms are the costly ones to rebuild.
-        self.sampling = SliceSamplingConfig(pixel_spacing_mm=cfg.pixel_spacing_mm,
-                                            context_slices=cfg.context_slices, positive_prob=cfg.positive_prob,
-                                            samples_per_case=cfg.samples_per_case, cache_cases=cfg.cache_cases,
-                                            heatmap_min_sigma_px=cfg.heatmap_min_sigma_px)
+        self.sampling = sampling_config(cfg)
         self.model, self.base_card = self._initial_model(build_model, config_for)
         self.model.to(self.device)
         self.loss_fn = GlanceLoss(LossConfig(batch_dice=cfg.batch_dice))

@@ -42,14 +42,14 @@ def build_config(args: argparse.Namespace):
 
 def _check(cfg) -> None:
     from glance.errors import GlanceError
+    from glance_training.train import sampling_config
 
     if not cfg.data:
         raise GlanceError("no training data: give --data KIND:PATH (or --cases DIR, or a config file)")
     for name in ("epochs", "steps_per_epoch", "batch"):
         if getattr(cfg, name) < 1:
             raise GlanceError(f"--{name.replace('_', '-')} must be at least 1")
-    if not cfg.heatmap_min_sigma_px > 0:
-        raise GlanceError(f"heatmap_min_sigma_px must be positive, got {cfg.heatmap_min_sigma_px}")
+    sampling_config(cfg)  # its fields' ranges, checked before any data is read
 
 
 def run(args: argparse.Namespace) -> int:
