@@ -30,7 +30,7 @@ RANKINGS = {
 def main() -> None:
     from glance.infer import InferenceOptions
     from glance.pipeline import SegmentOptions, ct_lungs, load_network, predict_maps, with_model_thresholds
-    from glance_training.evaluate import froc_inputs, split_cases, training_seed, training_split
+    from glance_training.evaluate import froc_candidates, model_split_cases, reference_findings, scored_candidates
     from glance_training.froc import evaluate_froc
 
     ap = argparse.ArgumentParser()
@@ -44,18 +44,16 @@ def main() -> None:
     options = SegmentOptions(model=args.model, inference=InferenceOptions("cpu", 8, tta=args.tta))
     network = load_network(options)
     cfg = with_model_thresholds(options, network[1]).postprocess
-    _, cases = split_cases(f"phantom:{args.phantoms}", "val", args.max_cases, training_split(network[1]),
-                           training_seed(network[1]))
+    _, cases = model_split_cases(network[1], f"phantom:{args.phantoms}", "val", args.max_cases)
     candidates: dict[str, dict] = {name: {} for name in RANKINGS}
     nodules, excluded = {}, {}
     for case in cases:
         loaded = case.load()
         prob, heat, _, _ = predict_maps(loaded.ct, network, options.inference)
-        lungs = ct_lungs(loaded.ct)
+        found = froc_candidates(loaded, prob, heat, cfg, ct_lungs(loaded.ct))  # once; then each ranking
+        nodules[loaded.case_id], excluded[loaded.case_id] = reference_findings(loaded)
         for name, rank in RANKINGS.items():
-            found, nodules[loaded.case_id], excluded[loaded.case_id] = froc_inputs(
-                loaded, prob, heat, cfg, score=rank, lungs=lungs)
-            candidates[name][loaded.case_id] = found
+            candidates[name][loaded.case_id] = scored_candidates(found, rank)
     scans = sorted(nodules)
     result = {"model": args.model, "tta": args.tta, "split": "val", "scans": len(scans),
               "thresholds": [cfg.seg_threshold, cfg.det_threshold], "rankings": {}}

@@ -72,7 +72,7 @@ def main() -> None:
     from glance.pipeline import SegmentOptions, ct_lungs, load_network, nodule_labels, predict_maps
     from glance.pipeline import with_model_thresholds
     from glance.postprocess import _unit  # a map's values as probabilities, whatever its encoding
-    from glance_training.evaluate import _size_group, evaluation_seed, split_cases, training_seed, training_split
+    from glance_training.evaluate import _size_group, model_split_cases
     from glance_training.metrics import score_nodules
 
     ap = argparse.ArgumentParser()
@@ -87,9 +87,7 @@ def main() -> None:
     network = load_network(options)
     options = with_model_thresholds(options, network[1])
     cfg = options.postprocess
-    seed = evaluation_seed(network[1], "all") if args.split == "all" else training_seed(network[1])
-    _, cases = split_cases(f"phantom:{args.phantoms}", args.split, args.max_cases,
-                           training_split(network[1]), seed)
+    _, cases = model_split_cases(network[1], f"phantom:{args.phantoms}", args.split, args.max_cases)
     rows = []
     for case in cases:
         loaded = case.load()

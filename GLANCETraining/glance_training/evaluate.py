@@ -103,6 +103,11 @@ def split_cases(spec_text: str, which: str, max_cases: int, split, seed: int):
     return spec, cases
 
 
+def model_split_cases(card, spec_text: str, which: str, max_cases: int = 0):
+    """``split_cases`` by ``card``'s training split and the seed ``evaluation_seed`` gives ``which``."""
+    return split_cases(spec_text, which, max_cases, training_split(card), evaluation_seed(card, which))
+
+
 def _crop_prediction(loaded, network, options) -> np.ndarray:
     """Network segmentation of a crop (p >= threshold, outlined by rule 9), on its grid."""
     from glance.pipeline import predict_maps
@@ -112,24 +117,35 @@ def _crop_prediction(loaded, network, options) -> np.ndarray:
     return outline_mask(prob, options.postprocess)
 
 
-def froc_inputs(loaded, prob, heatmap, cfg, score: str | Callable = "confidence", lungs=FIND_LUNGS):
-    """(candidates, reference nodules, excluded findings) of one scan, all in LPS mm. ``prob`` and
-    ``heatmap`` lie on ``loaded.ct``'s grid; candidates are scored by their ``score`` field
-    (``confidence``, as the FROC ranks them, or ``detection_score``, the heatmap peak) or by
-    ``score(candidate)`` (another ranking to compare). ``lungs``: the scan's lungs
-    (``glance.pipeline.ct_lungs``) when known, else found here."""
+def froc_candidates(loaded, prob, heatmap, cfg, lungs=FIND_LUNGS) -> list[tuple[tuple, object]]:
+    """(LPS position in mm, ``glance.postprocess.Candidate``) of each FROC candidate of one scan, to be
+    scored by any ranking (``froc_inputs``, ``bench/froc_ranking.py``). ``prob`` and ``heatmap`` lie on
+    ``loaded.ct``'s grid. ``lungs``: the scan's lungs (``glance.pipeline.ct_lungs``) when known, else
+    found here."""
     from glance.pipeline import canonical_volume, lungs_for
     from glance.postprocess import candidates_for_froc
-    from glance_training.froc import Candidate
 
     canon, grid = canonical_volume(loaded.ct)
     spacing = tuple(grid.canonical_spacing)
     found = candidates_for_froc(grid.to_canonical(prob), grid.to_canonical(heatmap), spacing, cfg,
                                 lungs_for(canon.array, spacing, cfg, lungs))
+    return [(tuple(canon.ijk_to_lps(np.asarray(c.position_index)[::-1])), c) for c in found]
+
+
+def scored_candidates(found: list[tuple[tuple, object]], score: str | Callable = "confidence") -> list:
+    """``froc_candidates`` as FROC candidates scored by their ``score`` field (``confidence``, as the
+    FROC ranks them, or ``detection_score``, the heatmap peak) or by ``score(candidate)``."""
+    from glance_training.froc import Candidate
+
     score_of = score if callable(score) else attrgetter(score)
-    cands = [Candidate(tuple(canon.ijk_to_lps(np.asarray(c.position_index)[::-1])), float(score_of(c)))
-             for c in found]
-    return (cands, *reference_findings(loaded))
+    return [Candidate(position, float(score_of(c))) for position, c in found]
+
+
+def froc_inputs(loaded, prob, heatmap, cfg, score: str | Callable = "confidence", lungs=FIND_LUNGS):
+    """(candidates, reference nodules, excluded findings) of one scan, all in LPS mm, the candidates
+    scored as ``scored_candidates`` scores them (``froc_candidates`` says what the inputs are)."""
+    found = froc_candidates(loaded, prob, heatmap, cfg, lungs)
+    return (scored_candidates(found, score), *reference_findings(loaded))
 
 
 def reference_findings(loaded):
@@ -221,10 +237,9 @@ def evaluate(cfg: EvaluateConfig, progress=None) -> dict:
     card = network[1]
     options = with_model_thresholds(options, card)
     split = training_split(card)
-    seed = evaluation_seed(card, cfg.split)
     got = _Collected()
     for spec_text in cfg.data:
-        spec, cases = split_cases(spec_text, cfg.split, cfg.max_cases, split, seed)
+        spec, cases = model_split_cases(card, spec_text, cfg.split, cfg.max_cases)
         log.info("%s: %d %s cases", spec_text, len(cases), cfg.split)
         if cfg.split == "train" or (cfg.split == "all" and spec.kind != "phantom"):  # see evaluation_seed
             log.warning("%s: --split %s scores patients the model trained on: not a held-out accuracy",

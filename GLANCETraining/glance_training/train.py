@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from glance.errors import GlanceError
+from glance_training.targets import MIN_SIGMA_PX
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class TrainConfig:
     batch_dice: bool = True
     # Floor of the heatmap Gaussians' sigma (pixels of the model's input): 1 keeps a micronodule's
     # peak one pixel sharp; wider lets the network answer a small nodule with a broader peak.
-    heatmap_min_sigma_px: float = 1.0
+    heatmap_min_sigma_px: float = MIN_SIGMA_PX
     # After registration, choose the model's default thresholds on the validation patients
     # (glance_training.calibrate) and store them in its card.
     calibrate: bool = True
@@ -138,11 +139,10 @@ class EpochRecord:
 
 
 def sampling_config(cfg: TrainConfig):
-    """The sampler's config for ``cfg``; a field out of range is one GlanceError, not a traceback.
-    (Every case stays cached once loaded: generated phantoms are the costly ones to rebuild.)"""
+    """The sampler's config for ``cfg``; a field out of range is one GlanceError, not a traceback."""
     from glance_training.datasets import SliceSamplingConfig
 
-    try:
+    try:  # cache_cases: generated phantoms are the costly cases to rebuild, so loaded ones stay cached
         return SliceSamplingConfig(pixel_spacing_mm=cfg.pixel_spacing_mm, context_slices=cfg.context_slices,
                                    positive_prob=cfg.positive_prob, samples_per_case=cfg.samples_per_case,
                                    cache_cases=cfg.cache_cases, heatmap_min_sigma_px=cfg.heatmap_min_sigma_px)

@@ -45,6 +45,7 @@ import torch
 from scipy import ndimage
 
 from glance.preprocess import window
+from glance_training.targets import MIN_SIGMA_PX
 
 from .cases import Case, CaseSource, LoadedCase
 
@@ -73,7 +74,7 @@ class SliceSamplingConfig:
     elastic_magnitude_px: tuple[float, float] = (0.0, 2.0)  # mild: at most ~2 px displacement
     seed: int = 0
     cache_cases: int = 2
-    heatmap_min_sigma_px: float = 1.0  # floor of the centre Gaussians' sigma (glance_training.targets)
+    heatmap_min_sigma_px: float = MIN_SIGMA_PX  # floor of the centre Gaussians' sigma (glance_training.targets)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.positive_prob <= 1.0:
