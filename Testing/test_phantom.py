@@ -177,3 +177,33 @@ def test_a_nodule_with_no_voxel_in_the_lungs_is_skipped_not_listed(monkeypatch):
     assert [n.id for n in p.nodules] == [1, 2, 3] and set(np.unique(p.labels)) == {0, 1, 2, 3}
     assert all(np.isfinite(n.centre_lps).all() and n.label_voxels > 0 for n in p.nodules)
     assert np.array_equal(p.ct.array, plain.ct.array) and np.array_equal(p.labels, plain.labels)
+
+
+def _shell_tissues(p, n) -> set[Tissue]:
+    lab = p.labels == n.id
+    if n.shape == "spiculated":  # a spicule may end against a bronchus or a rib; its body may not
+        lab = ndimage.binary_opening(lab, iterations=2)
+    shell = ndimage.binary_dilation(lab) & ~lab  # the voxels touching it
+    return {Tissue(int(t)) for t in np.unique(p.tissue[shell])}
+
+
+def _assert_nodules_clear_of_bone_and_airways(p):
+    for n in p.nodules:
+        around = _shell_tissues(p, n)
+        assert not around & {Tissue.AIRWAY, Tissue.AIRWAY_WALL}, (p.info["seed"], n.id, n.attachment, around)
+        if n.attachment != "juxta-pleural":  # only a pleural nodule may lie against the chest wall (and its ribs)
+            assert not around & {Tissue.BONE_CORTEX, Tissue.BONE_MARROW, Tissue.CARTILAGE}, (
+                p.info["seed"], n.id, n.attachment, around)
+
+
+def test_nodules_keep_clear_of_bone_and_airways(phantom):
+    _assert_nodules_clear_of_bone_and_airways(phantom)
+
+
+def test_no_nodule_is_cut_by_a_vertebra_or_a_bronchus():
+    # The training and evaluation phantoms' size; with this seed, placement used to put an "isolated" 7 mm
+    # nodule against a transverse process (a third of its surface bone) and a juxta-vascular one against a
+    # bronchus, and draw only the parts of them that lay in lung.
+    p = make_phantom(config=PhantomConfig((352, 352, 96), (0.9, 0.9, 1.5), seed=2968811710, n_nodules=10))
+    assert len(p.nodules) == 10
+    _assert_nodules_clear_of_bone_and_airways(p)

@@ -13,12 +13,10 @@ each FP rate. Writes the JSON (bench/results/ is git-ignored).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from val_phantoms import arguments, load, result_path
 
 RANKINGS = {
     "heatmap peak": lambda c: c.detection_score,
@@ -28,28 +26,19 @@ RANKINGS = {
 
 
 def main() -> None:
-    from glance.infer import InferenceOptions
-    from glance.pipeline import SegmentOptions, ct_lungs, load_network, predict_maps, with_model_thresholds
-    from glance_training.evaluate import froc_candidates, model_split_cases, reference_findings, scored_candidates
+    from glance.pipeline import ct_lungs, predict_maps
+    from glance_training.evaluate import froc_candidates, reference_findings, scored_candidates
     from glance_training.froc import evaluate_froc
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="glance-small")
-    ap.add_argument("--phantoms", type=int, default=128)
-    ap.add_argument("--tta", action="store_true")
-    ap.add_argument("--max-cases", type=int, default=0)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+    args = arguments(__doc__.splitlines()[0])
     logging.basicConfig(level=logging.WARNING)
-    options = SegmentOptions(model=args.model, inference=InferenceOptions("cpu", 8, tta=args.tta))
-    network = load_network(options)
-    cfg = with_model_thresholds(options, network[1]).postprocess
-    _, cases = model_split_cases(network[1], f"phantom:{args.phantoms}", "val", args.max_cases)
+    val = load(args)
+    cfg, cases = val.postprocess, val.cases
     candidates: dict[str, dict] = {name: {} for name in RANKINGS}
     nodules, excluded = {}, {}
     for case in cases:
         loaded = case.load()
-        prob, heat, _, _ = predict_maps(loaded.ct, network, options.inference)
+        prob, heat, _, _ = predict_maps(loaded.ct, val.network, val.options.inference)
         found = froc_candidates(loaded, prob, heat, cfg, ct_lungs(loaded.ct))  # once; then each ranking
         nodules[loaded.case_id], excluded[loaded.case_id] = reference_findings(loaded)
         for name, rank in RANKINGS.items():
@@ -62,8 +51,7 @@ def main() -> None:
         result["rankings"][name] = {
             "cpm": froc.cpm, "cpm_ci": froc.cpm_ci, "n_nodules": froc.n_nodules,
             "sensitivity": {f"{p.fp_per_scan:g}": p.sensitivity for p in froc.operating_points}}
-    out = args.out or ROOT / "bench" / "results" / f"froc_ranking{'-tta' if args.tta else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path(args, "froc_ranking")
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

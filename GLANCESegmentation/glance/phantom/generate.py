@@ -54,8 +54,8 @@ def make_phantom(size_ijk=(512, 512, 240), spacing=(0.7, 0.7, 1.25), seed: int =
     z = grid.axis_mm(2)
     anatomy = Anatomy.random(rng_anat, fov_half, float(z[0]), float(z[-1]))
     hu, tissue = render_anatomy(grid, anatomy, rng_tex)
-    vessels = _draw_trees(hu, tissue, grid, anatomy, rng_tree, cfg.vessel_points, float(z[-1]))
-    specs = place_nodules(cfg.n_nodules, grid, anatomy, vessels, rng_nod, cfg.mix)
+    vessels, airway_walls = _draw_trees(hu, tissue, grid, anatomy, rng_tree, cfg.vessel_points, float(z[-1]))
+    specs = place_nodules(cfg.n_nodules, grid, anatomy, vessels, rng_nod, cfg.mix, airway_walls)
     labels = np.zeros(grid.shape, dtype=np.uint16)
     ct_grid = grid.volume(labels)  # geometry only
     nodules = []
@@ -88,8 +88,9 @@ def make_example_phantom(seed: int = 0) -> Phantom:
     return make_phantom(config=cfg)
 
 
-def _draw_trees(hu, tissue, grid: Grid, anatomy: Anatomy, rng, n_points: int, top_z: float) -> Tubes:
-    """Draw vessels and airways; returns the vessel segments (for juxta-vascular placement)."""
+def _draw_trees(hu, tissue, grid: Grid, anatomy: Anatomy, rng, n_points: int, top_z: float) -> tuple[Tubes, Tubes]:
+    """Draw vessels and airways; returns the vessel segments (for juxta-vascular placement) and the
+    airway walls (which nodules keep clear of)."""
     arteries, veins = build_vessels(anatomy, rng, n_points)
     airways = build_airways(anatomy, arteries, top_z)
     vessel_hu = anatomy.hu[Tissue.VESSEL]
@@ -99,7 +100,7 @@ def _draw_trees(hu, tissue, grid: Grid, anatomy: Anatomy, rng, n_points: int, to
     walls = (Tissue.LUNG, Tissue.VESSEL, Tissue.MEDIASTINUM)
     draw_tubes(hu, tissue, grid, airways.wall, 0.0, walls, Tissue.AIRWAY_WALL)
     draw_tubes(hu, tissue, grid, airways.lumen, anatomy.hu[Tissue.AIRWAY], walls + (Tissue.AIRWAY_WALL,), Tissue.AIRWAY)
-    return Tubes.concat([arteries, veins])
+    return Tubes.concat([arteries, veins]), airways.wall
 
 
 def _draw(hu, tissue, labels, grid: Grid, ct_grid, nid: int, spec: NoduleSpec) -> PhantomNodule | None:

@@ -34,11 +34,14 @@ class NoduleShape:
     core: tuple[np.ndarray, float] | None = None  # part-solid: (offset mm, scale of the ellipsoid)
 
     @property
+    def body_extent(self) -> float:
+        """Radius (mm) of a sphere around the centre that holds the nodule without its spicules."""
+        return max([float(self.radii.max())] + [float(np.linalg.norm(o)) + lr for o, lr in self.lobes])
+
+    @property
     def extent(self) -> float:
         """Radius (mm) of a sphere around the centre that holds the whole nodule."""
-        r = float(self.radii.max())
-        r = max([r] + [float(np.linalg.norm(o)) + lr for o, lr in self.lobes])
-        return max([r] + [length for _, length, _ in self.spicules])
+        return max([self.body_extent] + [length for _, length, _ in self.spicules])
 
     def _ellipsoid(self, p: np.ndarray, scale: float = 1.0, offset=None) -> np.ndarray:
         q = (p - (0 if offset is None else offset)) @ self.rotation

@@ -1,7 +1,10 @@
 """Where synthetic nodules go: isolated, beside a vessel, or on the chest wall.
 
 Placement asks the analytic anatomy whether points are lung (no voxel maps
-needed), so it is cheap and the same at any spacing.
+needed), so it is cheap and the same at any spacing. Every nodule's body keeps
+clear of bone and of the airway walls: it is drawn only in lung and vessel, so
+anything else cutting into it would leave a labelled fragment that is not the
+nodule its size and kind describe.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from glance.phantom.vessels import Tubes
 log = logging.getLogger(__name__)
 
 _TRIES = 300
-_WALL = (Tissue.FAT, Tissue.MUSCLE, Tissue.BONE_CORTEX, Tissue.BONE_MARROW, Tissue.CARTILAGE, Tissue.SKIN)
+_CLEARANCE_MM = 2.0  # between a nodule and bone or an airway wall (the label's neighbours must be lung or vessel)
+_BONE = (Tissue.BONE_CORTEX, Tissue.BONE_MARROW, Tissue.CARTILAGE)
+_WALL = (Tissue.FAT, Tissue.MUSCLE, *_BONE, Tissue.SKIN)
 
 
 @dataclass
@@ -44,8 +49,9 @@ SPHERE_DIRS = _sphere_dirs()
 
 
 class Placer:
-    def __init__(self, grid: Grid, anatomy: Anatomy, vessels: Tubes) -> None:
+    def __init__(self, grid: Grid, anatomy: Anatomy, vessels: Tubes, airways: Tubes | None = None) -> None:
         self.grid, self.anatomy, self.vessels = grid, anatomy, vessels
+        self.airways = airways if airways is not None else Tubes.empty()  # outer surfaces of the airway walls
         nk, nj, ni = grid.shape
         self.lo = np.asarray(grid.origin)
         self.hi = grid.to_lps([ni - 1, nj - 1, nk - 1])
@@ -58,6 +64,27 @@ class Placer:
     def _free(self, c: np.ndarray, ext: float) -> bool:
         in_grid = np.all(c - ext >= self.lo) and np.all(c + ext <= self.hi)
         return bool(in_grid) and all(np.linalg.norm(c - q) > ext + e + 3.0 for q, e in self.placed)
+
+    def clear(self, c: np.ndarray, extent: float, attachment: str) -> bool:
+        """Whether a nodule body reaching ``extent`` mm from ``c`` keeps clear of bone and of the airways.
+
+        A nodule is drawn only where there is lung or vessel, so a vertebra or a bronchus cutting into it
+        would leave a fragment whose label no longer matches its stated size and kind, and that no reader
+        would call a nodule. A juxta-pleural nodule's side beyond the pleura is not drawn, so for it only
+        bone inside the lung mask counts (the spine's processes reach into it), not the chest wall's ribs.
+        """
+        reach = extent + _CLEARANCE_MM
+        points = np.vstack([c[None], c + SPHERE_DIRS * (0.5 * reach), c + SPHERE_DIRS * reach])
+        tissue, _ = self.anatomy.tissue(points[:, 0], points[:, 1], points[:, 2])
+        bone = np.isin(tissue, _BONE)
+        if attachment == "juxta-pleural":
+            bone &= self.lung(points)
+        if bone.any():
+            return False
+        if not len(self.airways):
+            return True
+        dist, r_wall = self.airways.distance(c)
+        return not np.any(dist - r_wall < reach)
 
     def _random_lung_point(self, rng: np.random.Generator, margin: float) -> np.ndarray | None:
         lo, hi = self.lo + margin, self.hi - margin
@@ -117,10 +144,11 @@ class Placer:
 
 
 def place_nodules(n: int, grid: Grid, anatomy: Anatomy, vessels: Tubes, rng: np.random.Generator,
-                  mix: NoduleMix | None = None) -> list[NoduleSpec]:
-    """``n`` random nodules that fit in the lungs of ``grid`` (fewer, with a warning, if they do not fit)."""
+                  mix: NoduleMix | None = None, airways: Tubes | None = None) -> list[NoduleSpec]:
+    """``n`` random nodules that fit in the lungs of ``grid`` (fewer, with a warning, if they do not fit),
+    clear of bone and of the ``airways`` (their walls' outer surfaces)."""
     mix = mix or NoduleMix()
-    placer = Placer(grid, anatomy, vessels)
+    placer = Placer(grid, anatomy, vessels, airways)
     specs: list[NoduleSpec] = []
     for index in range(n):
         sub = np.random.default_rng(rng.integers(2**63))
@@ -156,6 +184,7 @@ def _one(placer: Placer, mix: NoduleMix, rng: np.random.Generator) -> NoduleSpec
             c = placer.juxta_pleural(ext, diameter / 2, rng)
         else:
             c = placer.isolated(ext, diameter / 2, rng)
-        if c is not None:
+        # Spicules may end against a bronchus or a rib (they are cut there, as real ones are); the body may not.
+        if c is not None and placer.clear(c, shape.body_extent, attachment):
             return NoduleSpec(c, diameter, ntype, shape_name, attachment, shape, hu, core_hu)
     return None
