@@ -136,7 +136,8 @@ class CliResult:
 
     def describe(self) -> str:
         last = self.stderr_lines[-1] if self.stderr_lines else ""
-        return f"exit {self.rc}: {last[:160]}"
+        # The temp folder out before the cut, so a longer or shorter one does not move where the line ends.
+        return f"exit {self.rc}: {TMP_PREFIX.sub('<tmp>/', last)[:160]}"
 
 
 def run_in_process(argv: list[str]) -> CliResult:
