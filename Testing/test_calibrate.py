@@ -246,6 +246,33 @@ def test_the_outline_fraction_fits_a_strong_and_a_faint_nodule_that_no_single_th
     assert thresholds["calibration"]["dice_at_outline_fraction"] == {"crops": 1.0}
 
 
+def test_an_outline_fraction_under_the_minimum_gain_stays_off_and_the_card_says_why(tmp_path):
+    """The ringed crops above: 0.4 raises the mean Dice from (1 + 2|r4| / (|r4| + |r7|)) / 2 to 1. A bar
+    below that gain adopts it; a bar above keeps rule 9 off and records the best fraction and its gain."""
+    from glance.model.weights import ModelCard, read_card
+    from glance_training.calibrate import CalibrationConfig, choose_thresholds, write_to_card
+
+    inner, outer = (int(_disk((41, 41), (20, 20), r).sum()) for r in (4, 7))
+    gain = 1.0 - (1 + 2 * inner / (inner + outer)) / 2
+
+    def calibrated(min_gain):
+        cases = [_ringed_crop(0, 0.90, 0.30), _ringed_crop(1, 0.20, 0.06)]
+        cfg = CalibrationConfig(data=["crops"], min_outline_gain=min_gain)
+        return choose_thresholds([("crops", cases, False)], cfg)
+
+    assert calibrated(gain - 0.01).outline_fraction == 0.4
+    kept_off = calibrated(gain + 0.01)
+    assert kept_off.outline_fraction == 0.0
+    (tmp_path / "card.json").write_text(ModelCard("m", "1", {}).to_json())
+    write_to_card(tmp_path, kept_off)
+    thresholds = read_card(tmp_path).thresholds
+    assert thresholds["outline_fraction"] == 0.0
+    assert thresholds["outline_fraction_not_adopted"] == (
+        f"0.4 was best (crops 1.0000) but raised the validation criterion by {gain:.5f} ({1 - gain:.5f} -> 1.00000), "
+        f"under the {gain + 0.01:g} that the rule written before calibrating required; so rule 9 stays off at this "
+        "operating point")
+
+
 def test_an_outline_fraction_that_does_not_help_stays_off():
     from glance_training.calibrate import CalibrationConfig, choose_thresholds
 

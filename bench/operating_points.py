@@ -42,12 +42,13 @@ def main() -> None:
         prob, heat, _, _ = predict_maps(loaded.ct, val.network, val.options.inference)
         lungs = ct_lungs(loaded.ct)
         spacing_kji = tuple(reversed(loaded.ct.spacing))
+        # The FROC candidates come from the low froc_det_threshold whatever the detection threshold: once.
+        fp_scores = np.asarray(match_scan(*froc_inputs(loaded, prob, heat, card_cfg, "detection_score",
+                                                       lungs)).fp_scores)
         for t in grid:
-            cfg = replace(card_cfg, det_threshold=t)
-            pred = nodule_labels(loaded.ct, prob, heat, cfg, lungs)
+            pred = nodule_labels(loaded.ct, prob, heat, replace(card_cfg, det_threshold=t), lungs)
             dice[t] += [s.scores.dice for s in score_nodules(pred, loaded.labels, spacing_kji)]
-            outcome = match_scan(*froc_inputs(loaded, prob, heat, cfg, "detection_score", lungs))
-            fps[t].append(int(np.sum(np.asarray(outcome.fp_scores) >= t)))
+            fps[t].append(int(np.sum(fp_scores >= t)))
     result = {"model": args.model, "tta": args.tta, "split": "val", "scans": len(cases),
               "segmentation": card_cfg.seg_threshold, "outline_fraction": card_cfg.outline_fraction,
               "card_detection": card_cfg.det_threshold, "by_detection_threshold": {}}

@@ -54,6 +54,9 @@ class CalibrationConfig:
     seg_grid: tuple[float, ...] = SEG_GRID
     det_grid: tuple[float, ...] = DET_GRID
     outline_grid: tuple[float, ...] = OUTLINE_GRID
+    # Rule 9 is adopted only if its best fraction raises the mean per-source Dice by at least this over
+    # fraction 0 (the shipped model's ship rule asked 0.005); 0 adopts any fraction that helps at all.
+    min_outline_gain: float = 0.0
     device: str = "auto"
     batch: int = 8
     max_cases: int = 0
@@ -81,6 +84,7 @@ class Calibration:
     sources: list[SourceCurves]
     config: CalibrationConfig
     outline_fraction: float = 0.0
+    outline_not_adopted: str = ""  # why the best fraction was not adopted (under min_outline_gain), if so
 
     def at(self, curve: str, threshold: float) -> dict[str, float]:
         return {s.spec: getattr(s, curve)[threshold] for s in self.sources if threshold in getattr(s, curve)}
@@ -106,6 +110,7 @@ class Calibration:
                 "n_nodules": {s.spec: s.n_nodules for s in self.sources},
                 "flip_averaging": self.config.tta,
             },
+            **({"outline_fraction_not_adopted": self.outline_not_adopted} if self.outline_not_adopted else {}),
         }
 
     def to_dict(self) -> dict:
@@ -134,6 +139,8 @@ def calibrate(cfg: CalibrationConfig, progress=None) -> Calibration:
         raise GlanceError(f"--target-sensitivity must be in (0, 1], got {cfg.target_sensitivity}")
     if not cfg.max_fp_per_scan >= 0.0:
         raise GlanceError(f"--max-fp-per-scan must be >= 0, got {cfg.max_fp_per_scan}")
+    if not cfg.min_outline_gain >= 0.0:
+        raise GlanceError(f"--min-outline-gain must be >= 0, got {cfg.min_outline_gain}")
     inference = InferenceOptions(cfg.device, cfg.batch, tta=cfg.tta)
     network = load_network(SegmentOptions(model=cfg.model, inference=inference))
     groups = [_predict_source(spec, cfg, network, inference, progress) for spec in cfg.data]
@@ -149,13 +156,14 @@ def choose_thresholds(groups: list[tuple[str, list[CaseMaps], bool]], cfg: Calib
     seg = _best_segmentation([c for c in curves if c.dice], cfg.seg_grid)
     for curve, (_, cases, volumetric) in zip(curves, groups):
         _outline_curve(curve, cases, volumetric, seg, cfg)
-    fraction = _best_outline([c for c in curves if c.outline_dice], cfg.outline_grid)
+    fraction, not_adopted = _best_outline([c for c in curves if c.outline_dice], cfg.outline_grid,
+                                          cfg.min_outline_gain)
     for curve, (_, cases, volumetric) in zip(curves, groups):
         _det_curve(curve, cases, volumetric, seg, cfg)  # rule 9 changes outlines only, not what is found
     det = max(_best_detection(curves, cfg.det_grid, cfg.target_sensitivity),
               _lowest_within_fp_budget(curves, cfg.det_grid, cfg.max_fp_per_scan))
     log.info("calibrated: segmentation %.2f, outline fraction %.2f, detection %.2f", seg, fraction, det)
-    return Calibration(seg, det, curves, cfg, fraction)
+    return Calibration(seg, det, curves, cfg, fraction, not_adopted)
 
 
 def _predict_source(spec_text: str, cfg: CalibrationConfig, network, inference, progress):
@@ -231,11 +239,19 @@ def _best_segmentation(curves: list[SourceCurves], grid) -> float:
     return max(sorted(grid, reverse=True), key=lambda t: mean[t])  # max() keeps the first (highest) of ties
 
 
-def _best_outline(curves: list[SourceCurves], grid) -> float:
-    """The fraction with the best mean Dice (sources weighted equally); ties go to the smaller one,
-    so rule 9 stays off unless it helps."""
+def _best_outline(curves: list[SourceCurves], grid, min_gain: float = 0.0) -> tuple[float, str]:
+    """The fraction with the best mean Dice (sources weighted equally; ties go to the smaller one, so
+    rule 9 stays off unless it helps), or 0 with the reason when it gains less than ``min_gain`` over 0."""
     mean = {f: float(np.mean([c.outline_dice[f] for c in curves])) for f in grid}
-    return max(sorted(grid), key=lambda f: mean[f])
+    best = max(sorted(grid), key=lambda f: mean[f])
+    off = min(grid)
+    gain = mean[best] - mean[off]
+    if best == off or gain >= min_gain:
+        return best, ""
+    scores = ", ".join(f"{c.spec.split(':')[0]} {c.outline_dice[best]:.4f}" for c in curves)
+    return off, (f"{best:g} was best ({scores}) but raised the validation criterion by {gain:.5f} "
+                 f"({mean[off]:.5f} -> {mean[best]:.5f}), under the {min_gain:g} that the rule written before "
+                 f"calibrating required; so rule 9 stays off at this operating point")
 
 
 def _det_curve(curve: SourceCurves, cases: list[CaseMaps], volumetric: bool, seg: float,

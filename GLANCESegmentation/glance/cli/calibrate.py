@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-fp-per-scan", type=float, default=1.0,
                         help="then raise the detection threshold until the validation volumes average at most "
                              "this many false positives per scan (default 1)")
+    parser.add_argument("--min-outline-gain", type=float, default=0.0,
+                        help="keep rule 9 off unless its best outline fraction raises the validation Dice by at "
+                             "least this (default 0: any gain)")
     parser.add_argument("--write", action="store_true", help="store the thresholds in the model's card")
     parser.add_argument("--out", help="also write the full calibration curves to this JSON file")
     parser.add_argument("--device", default="auto")
@@ -35,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from glance_training.calibrate import CalibrationConfig, calibrate, write_to_card
 
     cfg = CalibrationConfig(args.model, args.data, args.split, args.target_sensitivity, args.max_fp_per_scan,
-                            device=args.device, batch=args.batch, max_cases=args.max_cases, tta=args.tta)
+                            device=args.device, batch=args.batch, max_cases=args.max_cases, tta=args.tta,
+                            min_outline_gain=args.min_outline_gain)
     result = calibrate(cfg)
     if args.out:
         atomic_write_text(args.out, json.dumps(result.to_dict(), indent=2) + "\n")
