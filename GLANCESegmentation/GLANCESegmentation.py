@@ -398,7 +398,8 @@ class GLANCESegmentationLogic(ScriptedLoadableModuleLogic):
             try:
                 import PyTorchUtils
             except ModuleNotFoundError:
-                slicer.util.errorDisplay(_("GLANCE needs the PyTorch extension. Install it from the Extensions Manager."))
+                slicer.util.errorDisplay(
+                    _("GLANCE needs the PyTorch extension. Install it from the Extensions Manager."))
                 return False
             if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
                 return False

@@ -123,7 +123,9 @@ class GLANCETrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job is None and self.ui.casesList.count > 0 and self.ui.baseModelSelector.count > 0
         )
         self.ui.trainButton.text = _("Stop") if training else _("Train")
-        self.ui.evaluateButton.enabled = evaluating or (self._job is None and bool(self.ui.heldOutPathLineEdit.currentPath))
+        self.ui.evaluateButton.enabled = evaluating or (
+            self._job is None and bool(self.ui.heldOutPathLineEdit.currentPath)
+        )
         self.ui.evaluateButton.text = _("Stop") if evaluating else _("Evaluate")
         self.ui.addFolderButton.enabled = bool(self.ui.casesFolderPathLineEdit.currentPath)
         self.ui.addSceneResultButton.enabled = bool(self.ui.casesFolderPathLineEdit.currentPath)
@@ -152,7 +154,8 @@ class GLANCETrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         nodes = GLANCESegmentation.GLANCESegmentationLogic.currentResult
         if nodes is None:
-            slicer.util.errorDisplay(_("There is no GLANCE result in the scene: run GLANCE Segmentation and review it first."))
+            slicer.util.errorDisplay(
+                _("There is no GLANCE result in the scene: run GLANCE Segmentation and review it first."))
             return
         with slicer.util.tryWithErrorDisplay(_("Could not save the reviewed result."), waitCursor=True):
             folder = self.logic.saveReviewedCase(nodes, self.ui.casesFolderPathLineEdit.currentPath)
@@ -381,7 +384,8 @@ class GLANCETrainingTest(ScriptedLoadableModuleTest):
 
     def test_metrics_plot(self):
         logic = GLANCETrainingLogic()
-        chart = logic.updateMetricsPlot([{"epoch": 1, "loss": 0.9, "val_dice": 0.3}, {"epoch": 2, "loss": 0.6, "val_dice": 0.5}])
+        chart = logic.updateMetricsPlot([{"epoch": 1, "loss": 0.9, "val_dice": 0.3},
+                                         {"epoch": 2, "loss": 0.6, "val_dice": 0.5}])
         table = slicer.mrmlScene.GetFirstNodeByName(METRICS_TABLE_NAME)
         self.assertEqual(table.GetNumberOfRows(), 2)
         self.assertEqual(chart.GetNumberOfPlotSeriesNodes(), 2)

@@ -91,7 +91,8 @@ def test_exported_seg_is_the_accepted_nodules_voxel_for_voxel(reviewed, tmp_path
     algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert (algo.AlgorithmName, algo.AlgorithmVersion) == MODEL
     source_uids = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
-    referenced = {r.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence}
+    referenced = {r.ReferencedSOPInstanceUID
+                  for s in seg.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence}
     assert referenced <= source_uids and referenced
     assert ordered == files  # k order recovered from a shuffled list
     assert _csv_accepted(result / "nodules.csv") == {found[0]: 1, found[1]: 0, found[2]: 1}

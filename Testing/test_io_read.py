@@ -94,7 +94,8 @@ def test_dicom_sorted_by_position_not_name_or_instance_number(tmp_path):
     assert v.metadata["sop_instance_uids"] == [ds.SOPInstanceUID for ds in by_z]
     assert [pydicom.dcmread(f).SOPInstanceUID for f in v.metadata["files"]] == v.metadata["sop_instance_uids"]
     meta = v.metadata
-    assert (meta["format"], meta["modality"], meta["patient_id"], meta["study_uid"]) == ("dicom", "CT", "TEST-1", "1.2.3.4")
+    assert (meta["format"], meta["modality"], meta["patient_id"], meta["study_uid"]) == (
+        "dicom", "CT", "TEST-1", "1.2.3.4")
     assert meta["frame_of_reference_uid"] == "1.2.3.5" and meta["sop_class_uid"] == CTImageStorage
     assert meta["series_uid"] == written[0].SeriesInstanceUID and meta["source"] == str(tmp_path / "s")
 
@@ -387,7 +388,8 @@ def test_out_of_range_integers_clipped_with_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         v = read_volume(path)
     assert v.array.dtype == np.int16 and v.array[2, 10, 10] == 32767
-    assert np.array_equal(np.delete(v.array.ravel(), 2 * 256 + 10 * 16 + 10), np.delete(ramp_hu().ravel(), 2 * 256 + 10 * 16 + 10))
+    assert np.array_equal(np.delete(v.array.ravel(), 2 * 256 + 10 * 16 + 10),
+                          np.delete(ramp_hu().ravel(), 2 * 256 + 10 * 16 + 10))
     assert "clipped to the int16 range" in caplog.text
 
 

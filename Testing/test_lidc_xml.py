@@ -17,7 +17,8 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 def _roi(z: float, pts) -> str:
     edges = "".join(f"<edgeMap><xCoord>{x}</xCoord><yCoord>{y}</yCoord></edgeMap>" for x, y in pts)
-    return f"<roi><imageZposition>{z}</imageZposition><imageSOP_UID>1.2</imageSOP_UID><inclusion>TRUE</inclusion>{edges}</roi>"
+    return (f"<roi><imageZposition>{z}</imageZposition><imageSOP_UID>1.2</imageSOP_UID>"
+            f"<inclusion>TRUE</inclusion>{edges}</roi>")
 
 
 def _square(x0: int, y0: int, n: int):

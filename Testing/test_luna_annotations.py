@@ -100,7 +100,8 @@ def test_the_scan_folder_wins_over_a_sub_folder_and_a_sub_folder_over_the_parent
 
 def test_missing_annotations_is_one_input_error_naming_the_option(tmp_path):
     root = luna_root(tmp_path)
-    with pytest.raises(InputError, match=r"annotations\.csv not found \(looked in .*\); give its path with annotations=PATH$"):
+    with pytest.raises(InputError,
+                       match=r"annotations\.csv not found \(looked in .*\); give its path with annotations=PATH$"):
         luna_cases(root / "subset0")
 
 

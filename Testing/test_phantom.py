@@ -62,7 +62,8 @@ def test_each_nodule_is_visible_and_measured(phantom):
     for n in phantom.nodules:
         lab = phantom.labels == n.id
         assert lab.sum() == n.label_voxels > 0
-        ring = ndimage.binary_dilation(lab, iterations=3) & ~ndimage.binary_dilation(lab) & (phantom.tissue == Tissue.LUNG)
+        ring = (ndimage.binary_dilation(lab, iterations=3) & ~ndimage.binary_dilation(lab)
+                & (phantom.tissue == Tissue.LUNG))
         contrast = ct[lab].mean() - ct[ring].mean()
         assert contrast > 150, (n.id, n.nodule_type, contrast)
         label_mm3 = lab.sum() * np.prod(phantom.ct.spacing)

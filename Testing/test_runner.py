@@ -297,7 +297,8 @@ def test_failure_gives_one_readable_message_and_the_exit_code():
 
 
 def test_failure_message_is_one_line_naming_what_failed_and_why():
-    assert runner.failure_message("GLANCE segmentation", "scan.nrrd: not CT") == "GLANCE segmentation failed: scan.nrrd: not CT"
+    assert runner.failure_message("GLANCE segmentation", "scan.nrrd: not CT") == (
+        "GLANCE segmentation failed: scan.nrrd: not CT")
     assert runner.failure_message("Loading", ValueError("a\n  b\tc")) == "Loading failed: a b c"
     assert runner.failure_message("Loading", None) == runner.failure_message("Loading", " ") == (
         "Loading failed: unknown error")
@@ -338,7 +339,7 @@ def test_cancel_kills_child_and_grandchild():
     deadline = time.monotonic() + 20
     while grandchild is None and time.monotonic() < deadline:
         job.poll()
-        grandchild = next((int(l.split()[1]) for l in job.stdout_tail if l.startswith("GRANDCHILD")), None)
+        grandchild = next((int(line.split()[1]) for line in job.stdout_tail if line.startswith("GRANDCHILD")), None)
         time.sleep(0.02)
     assert grandchild is not None, "fake engine did not start its grandchild"
     while job.status.progress is None and time.monotonic() < deadline:

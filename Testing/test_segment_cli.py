@@ -207,7 +207,8 @@ def test_sigint_interrupts_even_when_inherited_as_ignored(tmp_path):
     # 'ready' is printed inside the try: printed before it, a SIGINT landing between the print and
     # the try escaped as an uncaught KeyboardInterrupt (exit -2) on a loaded machine.
     script = ("import time, sys\nfrom glance.cli import _interruptible\n_interruptible()\n"
-              "try:\n    print('ready', flush=True)\n    time.sleep(30)\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")
+              "try:\n    print('ready', flush=True)\n    time.sleep(30)\n"
+              "except KeyboardInterrupt:\n    sys.exit(130)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert proc.stdout.readline().strip() == "ready"
@@ -236,7 +237,8 @@ def test_bench_reports_every_stage_with_and_without_flips(untrained, tmp_path, c
         assert set(r["seconds"]) >= {"read", "preprocess", "model", "postprocess"}
 
 
-@pytest.mark.skipif(not (DATA / "lidc-maxslice-crops").is_dir(), reason="shared/data/lidc-maxslice-crops is not present")
+@pytest.mark.skipif(not (DATA / "lidc-maxslice-crops").is_dir(),
+                    reason="shared/data/lidc-maxslice-crops is not present")
 def test_evaluate_prints_misses_and_sizes_that_match_its_csv(tmp_path, capsys):
     """The summary glance evaluate prints (and the Slicer module shows) agrees with its own nodules.csv."""
     import csv

@@ -135,7 +135,8 @@ BREAKAGES = {
     "segmentation header cut": ("nodules.seg.nrrd", _truncate, "nodules.seg.nrrd: not a readable NRRD segmentation"),
     "segmentation data cut": ("nodules.seg.nrrd", lambda p: p.write_bytes(p.read_bytes()[:-10]),
                               "nodules.seg.nrrd: cannot read the segmentation data"),
-    "markups corrupt": ("nodules.mrk.json", lambda p: p.write_text("{not json"), "nodules.mrk.json: Slicer could not read it"),
+    "markups corrupt": ("nodules.mrk.json", lambda p: p.write_text("{not json"),
+                        "nodules.mrk.json: Slicer could not read it"),
     "csv disagrees": ("nodules.csv", _drop_last_csv_row, "segments, control points and CSV rows disagree (2, 2, 1)"),
 }
 

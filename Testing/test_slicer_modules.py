@@ -391,7 +391,10 @@ def test_segmentation_logic_loads_reviews_and_navigates_a_result(modules, tmp_pa
     red = scene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
     red.SetLayoutName("Red")
     red.SetOrientationToAxial()
-    with mock.patch.object(slicer, "modules", types.SimpleNamespace(markups=types.SimpleNamespace(logic=lambda: markups_logic)), create=True):  # fmt: skip
+    with mock.patch.object(
+        slicer, "modules", types.SimpleNamespace(markups=types.SimpleNamespace(logic=lambda: markups_logic)),
+        create=True,
+    ):  # fmt: skip
         logic.jumpToNodule(nodes, 1)
     centre = [red.GetSliceToRAS().GetElement(r, 3) for r in range(3)]
     np.testing.assert_allclose(centre, S.lps_to_ras(nodules[1].centre_lps), atol=1e-6)
@@ -615,6 +618,7 @@ def test_training_logic_starts_train_and_evaluate_with_their_real_arguments(modu
 
     logic.startEvaluation(str(tmp_path / "held"), "site-v1@1.0.0", "cpu", tmp_path / "report")
     args = _engine_args(started[-1])
-    assert (args.command, args.model, args.cases, args.data) == ("evaluate", "site-v1@1.0.0", [str(tmp_path / "held")], [])
+    assert (args.command, args.model, args.cases, args.data) == (
+        "evaluate", "site-v1@1.0.0", [str(tmp_path / "held")], [])
     # A held-out folder is scored whole, and the report lands where the module shows it.
     assert (args.split, args.out, args.device, args.progress_lines) == ("all", str(tmp_path / "report"), "cpu", True)

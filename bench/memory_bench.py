@@ -102,7 +102,8 @@ def main() -> int:
 
         bomb = gzip_bomb_nrrd(tmp / "bomb.nrrd", ram_bytes() + (1 << 30))
         results["gzip bomb NRRD"] = {
-            "file_mb": round(bomb.stat().st_size / 2**20, 1), "inflates_to_gb": round((ram_bytes() + (1 << 30)) / 2**30, 1),
+            "file_mb": round(bomb.stat().st_size / 2**20, 1),
+            "inflates_to_gb": round((ram_bytes() + (1 << 30)) / 2**30, 1),
             **run_measured(["segment", str(bomb), "--out", str(tmp / "o1"), *common], args.threads)}
         bomb.unlink()
 

@@ -18,7 +18,8 @@ from glance.model import build_model, config_for
 
 def time_forward(model, x, repeat: int, autocast_dtype=None) -> float:
     device_type = x.device.type
-    ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else torch.autocast(device_type, enabled=False)
+    ctx = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype
+           else torch.autocast(device_type, enabled=False))
     with torch.inference_mode(), ctx:
         model(x)  # warm-up (oneDNN primitive creation, cuDNN autotune)
         if device_type == "cuda":

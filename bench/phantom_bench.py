@@ -20,7 +20,8 @@ DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "bench" / "results"
 
 # HU windows whose histogram peak (mode, 10 HU bins) we compare.
-WINDOWS = {"air": (-1100, -960), "lung": (-960, -500), "fat": (-200, -40), "soft_tissue": (-40, 120), "bone": (300, 1500)}
+WINDOWS = {"air": (-1100, -960), "lung": (-960, -500), "fat": (-200, -40), "soft_tissue": (-40, 120),
+           "bone": (300, 1500)}
 
 
 def _peak_rss_mb() -> float:

@@ -59,7 +59,8 @@ def measure(hu: np.ndarray, masks: np.ndarray, spacing: np.ndarray) -> dict:
             for name, region in parts.items():
                 ring_hu[name].append(float(image[region].mean()))
     ceiling, diameter = np.array(ceiling), np.array(diameter)
-    by_size = {f"{lo}-{hi} mm": {"crops": int(np.count_nonzero(sel)), "dice_ceiling_mean": round(float(ceiling[sel].mean()), 3)}
+    by_size = {f"{lo}-{hi} mm": {"crops": int(np.count_nonzero(sel)),
+                                 "dice_ceiling_mean": round(float(ceiling[sel].mean()), 3)}
                for lo, hi in SIZE_GROUPS_MM if (sel := (diameter >= lo) & (diameter < hi)).any()}
     return {
         "crops": len(masks),
@@ -67,7 +68,8 @@ def measure(hu: np.ndarray, masks: np.ndarray, spacing: np.ndarray) -> dict:
         "ring_hu_median": {k: round(float(np.median(v)), 1) for k, v in ring_hu.items()},
         "ring_hu_mean": {k: round(float(np.mean(v)), 1) for k, v in ring_hu.items()},
         "contour_share_of_mask_median": round(float(np.median(contour_share)), 3),
-        "dice_interior_vs_drawn": {"mean": round(float(ceiling.mean()), 3), "median": round(float(np.median(ceiling)), 3)},
+        "dice_interior_vs_drawn": {"mean": round(float(ceiling.mean()), 3),
+                                   "median": round(float(np.median(ceiling)), 3)},
         "by_size": by_size,
     }
 

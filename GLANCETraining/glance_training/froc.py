@@ -285,7 +285,8 @@ def evaluate_froc(
         cpm_low, cpm_high = np.quantile(boot.mean(axis=1), [tail, 1.0 - tail])
         cpm_ci = (float(cpm_low), float(cpm_high))
     points = tuple(
-        OperatingPoint(rate, float(s), float(lo), float(hi)) for rate, s, lo, hi in zip(CPM_FP_RATES, at_rates, low, high)
+        OperatingPoint(rate, float(s), float(lo), float(hi))
+        for rate, s, lo, hi in zip(CPM_FP_RATES, at_rates, low, high)
     )
     return FrocResult(
         fps=fps,

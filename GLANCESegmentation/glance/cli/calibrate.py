@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="val: the model's validation patients (default); all: every case (for data "
                              "the model never trained on)")
     parser.add_argument("--target-sensitivity", type=float, default=0.9,
-                        help="detection threshold: the highest keeping this share of the nodules found at the lowest one")
+                        help="detection threshold: the highest keeping this share of the nodules found at the "
+                             "lowest one")
     parser.add_argument("--max-fp-per-scan", type=float, default=1.0,
                         help="then raise the detection threshold until the validation volumes average at most "
                              "this many false positives per scan (default 1)")

@@ -93,7 +93,8 @@ def _synthesise(args):
     if args.example:
         return make_example_phantom(args.seed)
     scanner = ScannerConfig(slice_thickness_mm=args.slice_thickness, noise_hu=args.noise)
-    cfg = PhantomConfig(args.shape, args.spacing, args.seed, args.nodules, scanner, NoduleMix(diameter_mm=args.diameter))
+    cfg = PhantomConfig(args.shape, args.spacing, args.seed, args.nodules, scanner,
+                        NoduleMix(diameter_mm=args.diameter))
     try:
         return make_phantom(config=cfg)
     except ValueError as exc:

@@ -175,8 +175,8 @@ def _summary(analysis, report: dict, out: Path) -> None:
     print(f"{n} nodule{'s' if n != 1 else ''} found; results in {out}")
     print_outside_lungs(analysis.outside_lungs)
     for nod in analysis.nodules:
-        l, p, s = nod.centre_lps
+        left, post, sup = nod.centre_lps
         print(f"  {nod.name}: {nod.long_axis_mm:.1f} x {nod.short_axis_mm:.1f} mm, {nod.volume_mm3:.0f} mm3, "
-              f"{nod.nodule_type}, confidence {nod.confidence:.2f}, at LPS ({l:.1f}, {p:.1f}, {s:.1f}) mm")
+              f"{nod.nodule_type}, confidence {nod.confidence:.2f}, at LPS ({left:.1f}, {post:.1f}, {sup:.1f}) mm")
     seconds = report.get("seconds", {})
     print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))

@@ -80,10 +80,10 @@ class DiscoEncoder(nn.Module):
         self.stages = nn.ModuleList(DiscoStage(cfg, k, chans[k]) for k in range(4))
 
     def forward(self, image: Tensor, stem: list[Tensor]) -> list[Tensor]:
-        g = l = image
+        g = loc = image
         skips = []
         for stage in self.stages:
-            g, l, skip = stage(g, l)
+            g, loc, skip = stage(g, loc)
             skips.append(skip)
         return skips
 

@@ -216,7 +216,8 @@ class Anatomy:
         zt = (t - ht) * self.height / hh
         heart = self._heart_ellipse(x, y) + zt * zt < 1.0
         # The lungs wrap round the vertebral body into the gutters beside it.
-        spine = ((x / 27.0) ** 2 + ((y - self.spine_y - 4.0) / 25.0) ** 2 < 1.0) | ((np.abs(x) < 18.0) & (y > self.spine_y))
+        spine = (((x / 27.0) ** 2 + ((y - self.spine_y - 4.0) / 25.0) ** 2 < 1.0)
+                 | ((np.abs(x) < 18.0) & (y > self.spine_y)))
         return column | heart | spine
 
     def _heart_ellipse(self, x, y):

@@ -64,7 +64,8 @@ def measure(nid: int, weights: np.ndarray, box, ct: Volume, label_voxels: int, *
     w = weights.astype(np.float64)
     total = float(w.sum())
     kk, jj, ii = np.indices(w.shape)
-    centre = (float((ii * w).sum() / total + i0), float((jj * w).sum() / total + j0), float((kk * w).sum() / total + k0))
+    centre = (float((ii * w).sum() / total + i0), float((jj * w).sum() / total + j0),
+              float((kk * w).sum() / total + k0))
     lps = ct.ijk_to_lps(np.asarray(centre))
     return PhantomNodule(id=nid, centre_ijk=centre, centre_lps=tuple(float(v) for v in lps),
                          volume_mm3=total * float(np.prod(ct.spacing)), label_voxels=label_voxels, **fields)

@@ -60,7 +60,8 @@ def load_crops(path: str | Path) -> list[RealCrop]:
                 n = int(row["crop_index"])
                 names[n] = f"{row['patient_id']}:{row['nodule_index']}"
                 diam[n] = float(row["mean_reader_diameter_mm"])
-    return [RealCrop(hu[n], mask[n] > 0, tuple(float(v) for v in spacing[n]), names[n], diam[n]) for n in range(len(hu))]
+    return [RealCrop(hu[n], mask[n] > 0, tuple(float(v) for v in spacing[n]), names[n], diam[n])
+            for n in range(len(hu))]
 
 
 @dataclass
@@ -122,7 +123,8 @@ def insert_nodules(ct: Volume, config: InsertConfig, crops: list[RealCrop] | Non
         real = config.source == "real" or (config.source == "mixed" and n % 2 == 1)
         pleural = rng.random() < config.juxta_pleural_fraction
         if real:
-            made = _insert_real(out, labels, lungs, placer, crops[int(rng.integers(len(crops)))], pleural, next_id, ct, rng)
+            made = _insert_real(out, labels, lungs, placer, crops[int(rng.integers(len(crops)))], pleural, next_id,
+                                ct, rng)
         else:
             made = _insert_synthetic(out, labels, lungs, placer, config, pleural, next_id, ct, rng)
         if made is None:
@@ -214,7 +216,8 @@ def _insert_synthetic(out, labels, lungs, placer, config, pleural, nid, ct, rng)
     delta = ndimage.gaussian_filter(delta, sigma)
     footprint = ndimage.binary_dilation(total > 0, iterations=2)
     delta *= footprint
-    spec = NoduleSpec(centre, diameter, ntype, shape_name, "juxta-pleural" if pleural else "isolated", shape, hu, core_hu)
+    spec = NoduleSpec(centre, diameter, ntype, shape_name, "juxta-pleural" if pleural else "isolated", shape, hu,
+                      core_hu)
     made = _label(labels, occ.box, total, nid, ct, placer, spec.diameter_mm, ntype, shape_name, spec.attachment,
                   hu, "synthetic", {"core_hu": core_hu} if core_hu is not None else {})
     if made is not None:
@@ -302,7 +305,8 @@ def existing_from_lidc(xml_path: str | Path, ct: Volume) -> tuple[list[PhantomNo
 def existing_from_labels(label_map: Volume, ct: Volume) -> tuple[list[PhantomNodule], np.ndarray]:
     """The scan's own nodules from a label map on its grid (value n = nodule n)."""
     if label_map.shape != ct.shape:
-        raise InputError(f"{label_map.metadata.get('source', 'label map')}: grid {label_map.shape} is not the CT's {ct.shape}")
+        raise InputError(f"{label_map.metadata.get('source', 'label map')}: grid {label_map.shape} "
+                         f"is not the CT's {ct.shape}")
     labels = label_map.array.astype(np.uint16)
     nodules = []
     for n, sl in enumerate(ndimage.find_objects(labels), start=1):

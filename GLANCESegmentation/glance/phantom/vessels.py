@@ -112,7 +112,8 @@ def build_vessels(anatomy: Anatomy, rng: np.random.Generator, n_points: int = 15
     for side in (-1, 1):
         pts = lung_points(anatomy, side, n_points, rng)
         arteries.append(grow_tree(anatomy.hilum(side), pts, rng.uniform(6.0, 7.5), rng))
-        atrium = np.array([side * 0.12 * anatomy.a + hx * 0.3, hy + 0.6 * hry, anatomy.z_lo + (ht + 0.05) * anatomy.height])
+        atrium = np.array([side * 0.12 * anatomy.a + hx * 0.3, hy + 0.6 * hry,
+                           anatomy.z_lo + (ht + 0.05) * anatomy.height])
         pts_v = lung_points(anatomy, side, n_points, rng)
         veins.append(grow_tree(atrium, pts_v, rng.uniform(5.5, 7.0), rng))
     return Tubes.concat(arteries), Tubes.concat(veins)
