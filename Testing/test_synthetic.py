@@ -92,3 +92,13 @@ def test_without_a_store_nothing_is_written(tmp_path, monkeypatch):
     assert phantom_store.store_dir() is None and phantom_store.load(SMALL) is None
     phantom_cases(1, seed=5, config=SMALL)[0].load()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_store_key_ignores_layout_and_comments_but_not_code():
+    from glance_training.datasets.phantom_store import code_fingerprint
+
+    source = 'def radius(d):\n    # half the diameter\n    return d / 2  # mm\n\n\nLABEL = "nodule " "core"\n'
+    rewrapped = 'def radius(d):\n    return (\n        d / 2\n    )\n\n\nLABEL = "nodule core"  # one string\n'
+    changed = 'def radius(d):\n    return d / 3\n\n\nLABEL = "nodule core"\n'
+    assert code_fingerprint(rewrapped) == code_fingerprint(source)
+    assert code_fingerprint(changed) != code_fingerprint(source)
