@@ -394,7 +394,7 @@ def test_segmentation_logic_loads_reviews_and_navigates_a_result(modules, tmp_pa
     with mock.patch.object(
         slicer, "modules", types.SimpleNamespace(markups=types.SimpleNamespace(logic=lambda: markups_logic)),
         create=True,
-    ):  # fmt: skip
+    ):
         logic.jumpToNodule(nodes, 1)
     centre = [red.GetSliceToRAS().GetElement(r, 3) for r in range(3)]
     np.testing.assert_allclose(centre, S.lps_to_ras(nodules[1].centre_lps), atol=1e-6)

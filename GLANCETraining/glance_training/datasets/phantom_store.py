@@ -54,7 +54,8 @@ def generator_fingerprint() -> str:
 
 
 def code_fingerprint(source: str) -> bytes:
-    """The parsed form of a module's source: blind to layout and comments, not to code."""
+    """The parsed form of a module's source: blind to layout and comments, not to code. Its form
+    follows the Python version, so a new Python only regenerates phantoms, never loads stale ones."""
     return ast.dump(ast.parse(source)).encode()
 
 
