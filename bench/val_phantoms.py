@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass
 class ValPhantoms:
     options: object  # glance.pipeline.SegmentOptions
-    network: tuple  # from glance.pipeline.load_network: (model, card)
+    network: tuple  # from glance.pipeline.load_network: (model, card, folder)
     postprocess: object  # glance.postprocess.PostprocessConfig at the card's thresholds (with_flips for --tta)
     cases: list
 
