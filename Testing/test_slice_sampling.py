@@ -161,6 +161,36 @@ def test_dataloader_workers_give_the_same_samples():
     assert torch.equal(direct, batched)
 
 
+def test_flips_mirror_image_and_targets_together():
+    # Only the mirrors run, so each sample is exactly the plain one mirrored along the axes drawn.
+    cases = CaseList("s", [cube_case(spacing=(1.0, 1.0, 2.0))])
+    cfg = config(patch_size=48, augment=True, affine_prob=0.0, elastic_prob=0.0, positive_prob=1.0,
+                 samples_per_epoch=32)
+    plain = SliceDataset(cases, replace(cfg, augment=False))
+    both = SliceDataset(cases, replace(cfg, flip_prob=1.0))
+    for i in range(4):
+        for key in ("image", "mask", "ignore"):
+            assert torch.equal(both[i][key], torch.flip(plain[i][key], dims=(-2, -1))), (i, key)
+        # The heatmap is redrawn from the mirrored mask: its peak (1 at the rounded centroid) may round
+        # the other way, so it lies within a pixel of the mirrored one.
+        peak = torch.nonzero(both[i]["heatmap"][0] == 1.0)
+        mirrored = 47 - torch.nonzero(plain[i]["heatmap"][0] == 1.0)
+        assert len(peak) == 1 and torch.all((peak - mirrored).abs() <= 1), (i, peak, mirrored)
+    assert all(torch.equal(SliceDataset(cases, cfg)[i]["image"], plain[i]["image"]) for i in range(4))  # 0: off
+    half = SliceDataset(cases, replace(cfg, flip_prob=0.5))
+    seen = set()
+    for i in range(32):
+        s, before = half[i], plain[i]
+        matches = [dims for dims in ((), (-2,), (-1,), (-2, -1))
+                   if torch.equal(s["image"], torch.flip(before["image"], dims=dims) if dims else before["image"])
+                   and torch.equal(s["mask"], torch.flip(before["mask"], dims=dims) if dims else before["mask"])]
+        assert len(matches) == 1, i  # the soft-tissue rim makes the four mirror images distinct
+        seen.add(matches[0])
+    assert seen == {(), (-2,), (-1,), (-2, -1)}
+    with pytest.raises(ValueError, match="flip_prob"):
+        SliceSamplingConfig(flip_prob=1.5)
+
+
 def test_augmentation_keeps_mask_and_image_aligned():
     # Native spacing = target spacing, so only the augmentation moves pixels: a 20 x 20 bright square.
     cases = CaseList("s", [cube_case(spacing=(1.0, 1.0, 2.0))])

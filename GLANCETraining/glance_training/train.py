@@ -46,6 +46,7 @@ class TrainConfig:
     patch_size: int = 128
     crop_patch_size: int = 64
     positive_prob: float = 0.6
+    flip_prob: float = 0.0  # mirror each sample left-right and front-back with this probability
     epochs: int = 20
     steps_per_epoch: int = 100
     batch: int = 8
@@ -144,7 +145,8 @@ def sampling_config(cfg: TrainConfig):
 
     try:  # cache_cases: generated phantoms are the costly cases to rebuild, so loaded ones stay cached
         return SliceSamplingConfig(pixel_spacing_mm=cfg.pixel_spacing_mm, context_slices=cfg.context_slices,
-                                   positive_prob=cfg.positive_prob, samples_per_case=cfg.samples_per_case,
+                                   positive_prob=cfg.positive_prob, flip_prob=cfg.flip_prob,
+                                   samples_per_case=cfg.samples_per_case,
                                    cache_cases=cfg.cache_cases, heatmap_min_sigma_px=cfg.heatmap_min_sigma_px)
     except ValueError as exc:
         raise GlanceError(f"training config: {exc}") from None

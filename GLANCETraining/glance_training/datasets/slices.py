@@ -72,13 +72,17 @@ class SliceSamplingConfig:
     elastic_prob: float = 0.3
     elastic_spacing_px: int = 32  # control-point spacing of the elastic grid
     elastic_magnitude_px: tuple[float, float] = (0.0, 2.0)  # mild: at most ~2 px displacement
+    # Mirror left-right and front-back, each with this probability (0: off, as the paper). Rotations of
+    # +-15 deg never show the network a mirrored chest, yet averaging over mirrored inputs at test time helps.
+    flip_prob: float = 0.0
     seed: int = 0
     cache_cases: int = 2
     heatmap_min_sigma_px: float = MIN_SIGMA_PX  # floor of the centre Gaussians' sigma (glance_training.targets)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.positive_prob <= 1.0:
-            raise ValueError(f"positive_prob must be in [0, 1], got {self.positive_prob}")
+        for name in ("positive_prob", "flip_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.patch_size < 8 or self.context_slices < 0 or self.pixel_spacing_mm <= 0:
             raise ValueError("patch_size >= 8, context_slices >= 0 and pixel_spacing_mm > 0 are required")
         if not self.heatmap_min_sigma_px > 0:
@@ -323,7 +327,7 @@ class SliceDataset(torch.utils.data.Dataset):
     # -- augmentation and targets ------------------------------------------------------------
 
     def _make_transforms(self):
-        from monai.transforms import Compose, Rand2DElasticd, RandAffined
+        from monai.transforms import Compose, Rand2DElasticd, RandAffined, RandFlipd
 
         cfg = self.config
         keys = ("image", "labels")
@@ -335,6 +339,9 @@ class SliceDataset(torch.utils.data.Dataset):
             Rand2DElasticd(keys, spacing=(cfg.elastic_spacing_px, cfg.elastic_spacing_px),
                            magnitude_range=cfg.elastic_magnitude_px, prob=cfg.elastic_prob,
                            mode=modes, padding_mode="zeros"),
+            # Spatial axes of a (C, H, W) sample: 0 = rows (front-back), 1 = columns (left-right).
+            RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=0),
+            RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=1),
         ])
 
     def _augment(self, image: np.ndarray, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
