@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glance_training.losses import GlanceLoss, LossConfig, centernet_focal_loss
+from glance_training.losses import GlanceLoss, LossConfig, centernet_focal_loss, distillation_loss
 from glance_training.targets import (
     SliceTargets,
     center_heatmap,
@@ -263,3 +263,21 @@ def test_samples_without_masks_only_train_the_heatmap(loss_fn):
     total.backward()
     assert seg.grad is not None and seg.grad.abs().sum().item() == 0.0  # in the graph, for DDP
     assert hm.grad.abs().sum().item() > 0
+
+
+def test_distillation_loss_is_log2_at_even_odds_and_stationary_at_the_teacher():
+    teacher = torch.rand(2, 2, 5, 5) * 0.9 + 0.05
+    # Logits 0 (p = 0.5): each pixel costs -t log 0.5 - (1 - t) log 0.5 = log 2 whatever the teacher says.
+    even = Output(torch.zeros(2, 1, 5, 5), torch.zeros(2, 1, 5, 5), ())
+    assert distillation_loss(even, teacher, det_weight=0.3).item() == pytest.approx(1.3 * math.log(2), abs=1e-6)
+    # At the teacher's own logits the gradient is zero (d/dz = sigmoid(z) - t), and nowhere else.
+    z = torch.logit(teacher).clone().requires_grad_(True)
+    distillation_loss(Output(z[:, :1], z[:, 1:], ()), teacher).backward()
+    assert z.grad.abs().max() < 1e-7
+    w = torch.zeros_like(teacher, requires_grad=True)
+    distillation_loss(Output(w[:, :1], w[:, 1:], ()), teacher).backward()
+    expected = (0.5 - teacher) / 50  # mean over the 2 x 1 x 5 x 5 pixels of each map
+    expected[:, 1:] *= 0.3
+    assert torch.allclose(w.grad, expected, atol=1e-7)
+    with pytest.raises(ValueError, match="teacher maps"):
+        distillation_loss(even, teacher[:, :1])

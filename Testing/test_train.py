@@ -52,6 +52,36 @@ def test_resume_continues_exactly(cfg, tmp_path):
     assert (tmp_path / "b" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_run_with_a_teacher_trains_the_student_only(cfg, tmp_path):
+    from glance.infer import mean_over_flips
+    from glance_training.losses import distillation_loss
+    from glance_training.train import Trainer, _float
+
+    shipped = dict(base_model="glance-small", context_slices=1, pixel_spacing_mm=0.7)
+    taught = replace(cfg, teacher="glance-small", distill_weight=2.0, **shipped)
+    # The term at the first step: the student is still the teacher, seen once against its flip average.
+    trainer = Trainer(taught, tmp_path / "trainer")
+    batch = trainer._to_device(next(trainer._batches(0)))
+    out = trainer.net(batch["image"])
+    total, parts = trainer.loss_fn(_float(out), batch)
+    with_term, parts = trainer._with_distillation(out, batch["image"], total, parts)
+    expected = distillation_loss(_float(out), mean_over_flips(trainer.teacher, batch["image"]).detach())
+    assert parts["distill"].item() == pytest.approx(expected.item(), rel=1e-6) and expected.item() > 0
+    assert with_term.item() == pytest.approx(total.item() + 2.0 * expected.item(), rel=1e-6)
+    assert with_term.requires_grad
+    teacher_before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    trainer.fit()
+    assert all(torch.equal(v, teacher_before[k]) for k, v in trainer.teacher.state_dict().items())
+    assert not all(torch.equal(v, teacher_before[k]) for k, v in trainer.model.state_dict().items())
+    assert all(r.distill > 0 for r in trainer.history)
+    assert "distill" in (tmp_path / "trainer" / "history.csv").read_text().splitlines()[0].split(",")
+    # A teacher that reads another input is one clear error, before any step.
+    with pytest.raises(GlanceError, match="teacher glance-small@.* expects context_slices=1"):
+        Trainer(replace(cfg, teacher="glance-small"), tmp_path / "c")
+    with pytest.raises(GlanceError, match="distill_weight must be positive"):
+        Trainer(replace(taught, distill_weight=0.0), tmp_path / "d")
+
+
 def test_resume_refuses_another_config(cfg, tmp_path):
     from glance_training.train import Trainer
 

@@ -85,7 +85,7 @@ def _to_uint8(p):
     return (p * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8)
 
 
-def _output_maps(model, x):
+def output_maps(model, x):
     """(seg, heatmap) probabilities of one batch, float32, shape (n, 2, h, w)."""
     import torch
 
@@ -96,11 +96,11 @@ def _output_maps(model, x):
 _IN_PLANE_FLIPS = ((), (3,), (2,), (2, 3))
 
 
-def _mean_over_flips(model, x):
-    """_output_maps averaged over the in-plane flips, each flipped back before adding."""
+def mean_over_flips(model, x):
+    """output_maps averaged over the in-plane flips, each flipped back before adding."""
     total = None
     for dims in _IN_PLANE_FLIPS:
-        maps = _output_maps(model, x.flip(dims) if dims else x)
+        maps = output_maps(model, x.flip(dims) if dims else x)
         maps = maps.flip(dims) if dims else maps
         total = maps if total is None else total.add_(maps)
     return total.div_(len(_IN_PLANE_FLIPS))
@@ -135,7 +135,7 @@ def predict(hu, spacing, crop: Crop, model, prep, options: InferenceOptions,
         x = x.contiguous(memory_format=torch.channels_last)
         t1 = time.perf_counter()
         with torch.inference_mode(), _autocast(device, options.precision):
-            maps = _mean_over_flips(model, x) if options.tta else _output_maps(model, x)
+            maps = mean_over_flips(model, x) if options.tta else output_maps(model, x)
         if size != (h, w):
             maps = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False)
         maps = _to_uint8(maps).cpu().numpy()

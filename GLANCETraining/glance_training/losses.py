@@ -78,6 +78,22 @@ def centernet_focal_loss(
     return -per_pixel.sum() / peak.sum().clamp(min=1)
 
 
+def distillation_loss(output: Any, teacher: torch.Tensor, det_weight: float = 0.3) -> torch.Tensor:
+    """BCE(seg logits, teacher seg) + det_weight * BCE(heatmap logits, teacher heatmap), mean over pixels.
+
+    ``teacher`` [B,2,H,W] holds a teacher's probabilities (seg, heatmap), e.g. a model averaged over
+    flips (``glance.infer.mean_over_flips``). BCE against soft targets is smallest, with zero gradient,
+    where the student's probabilities equal the teacher's. Every pixel counts, masks or not: the
+    teacher has an answer where the readers drew none.
+    """
+    if teacher.shape[1] != 2 or teacher.shape[-2:] != output.seg.shape[-2:]:
+        raise ValueError(f"teacher maps {tuple(teacher.shape)} do not fit logits {tuple(output.seg.shape)}")
+    teacher = teacher.float()
+    seg = F.binary_cross_entropy_with_logits(output.seg.float(), teacher[:, :1])
+    heat = F.binary_cross_entropy_with_logits(output.heatmap.float(), teacher[:, 1:])
+    return seg + det_weight * heat
+
+
 def _field(obj: Any, name: str, default: Any = None) -> Any:
     """``obj.name`` or ``obj[name]``: targets may be a dataclass, a NamedTuple or a dict."""
     return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)

@@ -41,6 +41,10 @@ class TrainConfig:
     preset: str = "small"
     ablation: str = "full"
     base_model: str | None = None  # fine-tune from this registered model or folder
+    # Distil from this registered model or folder: its maps averaged over the four in-plane flips are soft
+    # targets (glance_training.losses.distillation_loss), weighted by distill_weight, next to the labels.
+    teacher: str | None = None
+    distill_weight: float = 1.0
     context_slices: int = 0  # 2.5D: 2k+1 input channels
     pixel_spacing_mm: float = 0.7
     patch_size: int = 128
@@ -137,6 +141,7 @@ class EpochRecord:
     val_dice: float
     val_loss: float
     seconds: float
+    distill: float = float("nan")  # the distillation term, when the run has a teacher
 
 
 def sampling_config(cfg: TrainConfig):
@@ -170,6 +175,7 @@ class Trainer:
         self.sampling = sampling_config(cfg)
         self.model, self.base_card = self._initial_model(build_model, config_for)
         self.model.to(self.device)
+        self.teacher = self._teacher()
         self.loss_fn = GlanceLoss(LossConfig(batch_dice=cfg.batch_dice))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(self.optimizer, T_0=cfg.t0_epochs)
@@ -182,19 +188,36 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
+    def _load_fitting(self, spec: str, role: str):
+        """(model, card) of a registered model or folder whose input is this run's input."""
+        from glance.model.weights import load_model
+        from glance.registry import resolve_model
+
+        cfg = self.cfg
+        model, card = load_model(resolve_model(spec))
+        if card.prep.context_slices != cfg.context_slices or card.prep.pixel_spacing_mm != cfg.pixel_spacing_mm:
+            raise GlanceError(f"{role} {card.name}@{card.version} expects context_slices="
+                              f"{card.prep.context_slices}, pixel_spacing_mm={card.prep.pixel_spacing_mm}")
+        return model, card
+
     def _initial_model(self, build_model, config_for):
         cfg = self.cfg
         if cfg.base_model:
-            from glance.model.weights import load_model
-            from glance.registry import resolve_model
-
-            model, card = load_model(resolve_model(cfg.base_model))
-            if card.prep.context_slices != cfg.context_slices or card.prep.pixel_spacing_mm != cfg.pixel_spacing_mm:
-                raise GlanceError(f"base model {card.name}@{card.version} expects context_slices="
-                                  f"{card.prep.context_slices}, pixel_spacing_mm={card.prep.pixel_spacing_mm}")
+            model, card = self._load_fitting(cfg.base_model, "base model")
             return model.train(), card
         model = build_model(config_for(cfg.preset, cfg.ablation, in_channels=2 * cfg.context_slices + 1))
         return model.train(), None
+
+    def _teacher(self):
+        """The frozen teacher network in eval mode, or None."""
+        if not self.cfg.teacher:
+            return None
+        if not self.cfg.distill_weight > 0:
+            raise GlanceError(f"training config: distill_weight must be positive, got {self.cfg.distill_weight}")
+        model, card = self._load_fitting(self.cfg.teacher, "teacher")
+        log.info("distilling from %s@%s averaged over the in-plane flips (weight %g)", card.name, card.version,
+                 self.cfg.distill_weight)
+        return model.to(self.device).eval().requires_grad_(False)
 
     # -- data -------------------------------------------------------------------------------
 
@@ -261,6 +284,8 @@ class Trainer:
             with self._autocast():
                 out = self.net(batch["image"])
             total, parts = self.loss_fn(_float(out), batch)
+            if self.teacher is not None:
+                total, parts = self._with_distillation(out, batch["image"], total, parts)
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             self.optimizer.step()
@@ -272,6 +297,16 @@ class Trainer:
                 done = self.epoch * self.cfg.steps_per_epoch + step + 1
                 self.emit(f"PROGRESS {done}/{self.cfg.epochs * self.cfg.steps_per_epoch}")
         return {k: v / max(n, 1) for k, v in sums.items()}
+
+    def _with_distillation(self, out, image: torch.Tensor, total: torch.Tensor, parts: dict):
+        from glance.infer import mean_over_flips
+        from glance_training.losses import distillation_loss
+
+        with torch.no_grad(), self._autocast():
+            maps = mean_over_flips(self.teacher, image)
+        term = distillation_loss(_float(out), maps, self.loss_fn.config.det_weight)
+        total = total + self.cfg.distill_weight * term
+        return total, {**parts, "distill": term.detach(), "total": total.detach()}
 
     @torch.no_grad()
     def validate(self) -> tuple[float, float]:
@@ -310,7 +345,7 @@ class Trainer:
                               self.optimizer.param_groups[0]["lr"], parts.get("total", float("nan")),
                               parts.get("dice", float("nan")), parts.get("bce", float("nan")),
                               parts.get("focal", float("nan")), parts.get("deep", float("nan")),
-                              val_dice, val_loss, time.perf_counter() - t)
+                              val_dice, val_loss, time.perf_counter() - t, parts.get("distill", float("nan")))
             self.history.append(rec)
             self.epoch += 1
             if self.dist.main:
