@@ -72,8 +72,9 @@ class SliceSamplingConfig:
     elastic_prob: float = 0.3
     elastic_spacing_px: int = 32  # control-point spacing of the elastic grid
     elastic_magnitude_px: tuple[float, float] = (0.0, 2.0)  # mild: at most ~2 px displacement
-    # Mirror left-right and front-back, each with this probability (0: off, as the paper). Rotations of
-    # +-15 deg never show the network a mirrored chest, yet averaging over mirrored inputs at test time helps.
+    # Mirror left-right and front-back, each with this probability. Rotations of +-15 deg never show the
+    # network a mirrored chest. Off, as in the paper: on glance-small it did not improve a single pass
+    # (docs/training.md, "mirror-image augmentation").
     flip_prob: float = 0.0
     seed: int = 0
     cache_cases: int = 2
