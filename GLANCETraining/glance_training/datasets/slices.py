@@ -334,16 +334,17 @@ class SliceDataset(torch.utils.data.Dataset):
         keys = ("image", "labels")
         modes = ("bilinear", "nearest")
         rotate = np.deg2rad(cfg.rotate_deg)
-        return Compose([
+        transforms = [
             RandAffined(keys, prob=cfg.affine_prob, rotate_range=(rotate,), scale_range=(cfg.scale, cfg.scale),
                         mode=modes, padding_mode="zeros"),
             Rand2DElasticd(keys, spacing=(cfg.elastic_spacing_px, cfg.elastic_spacing_px),
                            magnitude_range=cfg.elastic_magnitude_px, prob=cfg.elastic_prob,
                            mode=modes, padding_mode="zeros"),
+        ]
+        if cfg.flip_prob > 0:  # off: no per-sample no-op; the transforms before draw the same either way
             # Spatial axes of a (C, H, W) sample: 0 = rows (front-back), 1 = columns (left-right).
-            RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=0),
-            RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=1),
-        ])
+            transforms += [RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=axis) for axis in (0, 1)]
+        return Compose(transforms)
 
     def _augment(self, image: np.ndarray, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         self._transforms.set_random_state(seed=seed)
